@@ -1,0 +1,159 @@
+"""Prepare the factoid-QA splits of paper section 4 (Table 5) and print their counts.
+
+    python -m kgqa.prepare --data-dir $KGQA_DATA_DIR --out data/qa [--lm bert-base-uncased]
+
+Reads the sources listed in :mod:`kgqa.data` from ``--data-dir`` (never writes there) and the
+FreebaseQA pre-release ``freebaseqa/prerelease_2017/FreebaseQA-{dev,eval}.tab`` files, which are
+counted only (they differ slightly from the release). Writes
+``OUT/<dataset>/<full|filtered>/{train,dev,test}.jsonl`` (dev = a share of train carved by
+question-id hash, :func:`kgqa.data.split_dev`; FreebaseQA's official dev goes to
+``official-dev.jsonl``), ``OUT/<dataset>/skipped.json`` (dropped question ids by file and
+reason) and ``OUT/counts.md`` (the tables printed). With ``--lm`` it also builds the tokenized
+cloze datasets into ``OUT/cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
+from kgqa.data import (
+    DEV_FRACTION,
+    SOURCE_SPLITS,
+    VARIANTS,
+    QASources,
+    build_cloze_dataset,
+    load_examples,
+    prepared_file,
+    qa_splits,
+    read_sources,
+    save_examples,
+)
+from kgqa.qa_readers import read_freebaseqa_tab, select_examples
+
+# HittER's counts (its *-stat.json files; paper Table 5), shown next to ours: (full, filtered).
+REFERENCE_COUNTS = {
+    ("webqsp", "train"): (2997, 850),
+    ("webqsp", "test"): (1582, 484),
+    ("freebaseqa", "train"): (20358, 3713),
+    ("freebaseqa", "dev"): (3994, 743),
+    ("freebaseqa", "test"): (3996, 755),
+}
+PRERELEASE = {"dev": "FreebaseQA-dev.tab", "test": "FreebaseQA-eval.tab"}
+
+
+def count_prerelease(data_dir: Path, kg: KnowledgeGraph, sources: QASources) -> None:
+    """Add count rows for the FreebaseQA pre-release ``.tab`` files that are present."""
+    index = kg.entity_index()
+    for split, name in PRERELEASE.items():
+        path = data_dir / "freebaseqa" / "prerelease_2017" / name
+        if path.is_file():
+            sel = select_examples(read_freebaseqa_tab(path), index, source=str(path))
+            sources.add("freebaseqa", split, f"prerelease_2017/{name} (counted only)", sel, True)
+
+
+def prepare(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    kg: KnowledgeGraph | None = None,
+    dev_fraction: float = DEV_FRACTION,
+) -> QASources:
+    """Read every available source, write the JSONL splits under ``out_dir``, return counts."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if out_dir.resolve().is_relative_to(data_dir.resolve()):
+        raise ValueError(f"--out {out_dir} is inside the data directory {data_dir}")
+    kg = kg if kg is not None else load_kg(data_dir / "fb15k-237")
+    sources = read_sources(data_dir, kg)
+    count_prerelease(data_dir, kg, sources)
+    for dataset in SOURCE_SPLITS:
+        for variant in VARIANTS:
+            for split, examples in qa_splits(sources, dataset, variant, dev_fraction).items():
+                save_examples(examples, prepared_file(out_dir, dataset, variant, split))
+    for dataset, by_file in sources.skipped.items():
+        path = out_dir / dataset / "skipped.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(by_file, indent=1) + "\n", encoding="utf-8")
+    (out_dir / "counts.md").write_text(counts_table(sources, dev_fraction), encoding="utf-8")
+    return sources
+
+
+def _n(x: int | None) -> str:
+    return "–" if x is None else f"{x:,}"
+
+
+def counts_table(sources: QASources, dev_fraction: float = DEV_FRACTION) -> str:
+    """Two Markdown tables: what each source file gave, and the prepared splits."""
+    lines = [
+        "| dataset | split | file | questions | dropped | full | filtered "
+        "| HittER full / filtered |",
+        "|---|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in sources.rows:
+        dropped = ", ".join(f"{v:,} {k}" for k, v in r.dropped.items()) or "0"
+        ref = REFERENCE_COUNTS.get((r.dataset, r.split))
+        ref_s = f"{ref[0]:,} / {ref[1]:,}" if ref else "–"
+        lines.append(
+            f"| {r.dataset} | {r.split} | {r.file} | {r.questions:,} | {dropped} "
+            f"| {_n(r.full)} | {r.filtered:,} | {ref_s} |"
+        )
+    lines += [
+        "",
+        f"| dataset | variant | train | dev ({dev_fraction:.0%} of train) | test | official dev |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for dataset in SOURCE_SPLITS:
+        for variant in VARIANTS:
+            splits = qa_splits(sources, dataset, variant, dev_fraction)
+            sizes = [
+                _n(len(splits[s])) if s in splits else "–"
+                for s in ("train", "dev", "test", "official-dev")
+            ]
+            lines.append(f"| {dataset} | {variant} | " + " | ".join(sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_caches(out_dir: str | Path, lm: str) -> list[str]:
+    """Tokenize every prepared split into ``OUT/cache`` (one summary line per split)."""
+    from transformers import AutoTokenizer
+
+    from kgqa.lm import resolve_lm
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_lm(lm))
+    summary = []
+    for path in sorted(out_dir.glob("*/*/*.jsonl")):
+        examples = load_examples(path)
+        if not examples:
+            continue
+        ds = build_cloze_dataset(examples, tokenizer, cache_dir=out_dir / "cache")
+        masks, lengths = ds["num_masks"], [len(x) for x in ds["input_ids"]]
+        summary.append(
+            f"{path.relative_to(out_dir)}: {len(ds):,} rows, masks mean "
+            f"{sum(masks) / len(masks):.2f} max {max(masks)}, input length max {max(lengths)}"
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--dev-fraction", type=float, default=DEV_FRACTION)
+    parser.add_argument("--lm", default=None, help="also tokenize with this LM (e.g. minilm)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    sources = prepare(args.data_dir, args.out, dev_fraction=args.dev_fraction)
+    for message in sources.messages:
+        print(f"note: {message}")
+    print(counts_table(sources, args.dev_fraction))
+    if args.lm:
+        for line in build_caches(args.out, args.lm):
+            print(line)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
