@@ -1,0 +1,411 @@
+"""HittER: hierarchical Transformers for link prediction (paper section 2).
+
+* Section 2.1 / the no-context baseline: an *entity Transformer* reads [CLS, entity, relation]
+  and its CLS output scores every entity by dot product (``use_context=False``).
+* Section 2.2: the same entity Transformer encodes the source pair and every neighbour pair;
+  a *context Transformer* reads [GCLS, source vector, neighbour vectors...] and the GCLS
+  output scores every entity (1vsAll, softmax cross-entropy).
+* Section 2.3: masked entity prediction (MEP) perturbs the source entity of a share of the
+  training examples and, optionally, adds an auxiliary loss that recovers it.
+
+Behaviour the paper leaves out follows ``shared/design/REFERENCE.md`` ("Link prediction"):
+LayerNorm epsilons, the 100-row type table, reciprocal relations (2R relation rows, a head
+query (?, p, o) is asked as (o, p + R, ?)), MEP sampling and the auxiliary-loss weight.
+
+Loss (training job, one direction): ``loss = lp_loss + w * mep_loss`` with ``lp_loss`` the mean
+cross-entropy over the batch, ``mep_loss`` the mean cross-entropy over the MEP-selected
+examples only, ``w = self_dropout / (1 + self_dropout)`` and the term present only when
+``mep_aux_loss`` is on and the model is training. The reference computes it so (per direction;
+its trainer sums the tail- and head-query losses). Both terms use ``label_smoothing``.
+
+Deliberate small differences from the reference: the auxiliary loss scores against the same
+dropped-out entity table as the main scores (the reference drew a second dropout mask), and
+MEP is off in the no-context model (nothing would be left to recover the source from).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+# Token-type ids of the context Transformer (REFERENCE.md "Encoder").
+GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2
+
+
+@strict
+class HittERConfig(PreTrainedConfig):
+    """Architecture and regularisation of HittER. Defaults are the paper's FB15K-237 model
+    (paper section 3.3 and the FB15K-237 column of REFERENCE.md); ``recipes/configs/*.yaml``
+    hold the differences of other runs."""
+
+    model_type = "hitter"
+    attribute_map = {"dim": "hidden_size"}
+
+    # Data: FB15K-237 vocabulary (paper Table 2); set from the loaded graph for other data.
+    dataset: str = "fb15k-237"
+    num_entities: int = 14541
+    num_relations: int = 237  # R; the relation table has 2R rows (reciprocal relations)
+    # Transformer shape (paper section 3.3).
+    hidden_size: int = 320
+    num_attention_heads: int = 8
+    intermediate_size: int = 1280
+    hidden_act: str = "gelu"  # REFERENCE.md table
+    num_entity_layers: int = 3  # = context layers // 2 (REFERENCE.md)
+    num_context_layers: int = 6
+    use_context: bool = True  # False: the context-independent model of section 2.1
+    # Dropout (section 3.3: 0.1 everywhere, 0.6 on the embedding layers; REFERENCE.md says
+    # where the 0.6 "output" dropout applies: entity-Transformer input and scoring table).
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    output_dropout: float = 0.6
+    # LayerNorm eps (REFERENCE.md "Small details"): input norms and BERT-style entity layers
+    # 1e-12, torch-style context layers 1e-5.
+    layer_norm_eps: float = 1e-12
+    context_layer_norm_eps: float = 1e-5
+    # The reference's type table has 100 rows of which 3 are used; keeping them reproduces
+    # its 15,936,640 parameters. 3 is the clean choice (97 * dim fewer parameters).
+    type_vocab_size: int = 100
+    initializer_range: float = 0.02  # normal(0, 0.02) init (REFERENCE.md)
+    # Neighbourhoods (section 3.3): max per source; train-time drop rate, applied by the data
+    # pipeline (NeighbourIndex.gather(drop=...)), never by the model.
+    max_neighbours: int = 50
+    neighbour_drop: float = 0.3
+    # Seed of the fixed per-source neighbour order (NeighbourIndex.build(seed=...)) that
+    # evaluation reads; the reference left it unseeded (REFERENCE.md "Neighbourhoods").
+    neighbour_order_seed: int = 0
+    # MEP (section 2.3; REFERENCE.md): share of training examples selected; of those, the share
+    # masked, then the share of the *unmasked* ones replaced by a random entity; the rest keep
+    # their entity. FB15K-237: 0.5 / 1.0 / 0 and no auxiliary loss.
+    mep_self_dropout: float = 0.5
+    mep_mask_prob: float = 1.0
+    mep_replace_prob: float = 0.0
+    mep_aux_loss: bool = False
+    label_smoothing: float = 0.0  # REFERENCE.md: 0 for FB15K-237 (the paper says 0.1)
+    # Identical (entity, relation) pairs of a batch are always encoded once in eval mode (the
+    # result is the same). In training each copy draws its own 0.6 input dropout, as in the
+    # reference; True shares one draw per distinct pair, which is faster but not the same.
+    dedup_pairs_in_training: bool = False
+
+    def validate_hitter(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        for name in ("attention_dropout", "hidden_dropout", "output_dropout", "neighbour_drop",
+                     "mep_self_dropout", "mep_mask_prob", "mep_replace_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.use_context and self.type_vocab_size < 3:
+            raise ValueError("type_vocab_size must be >= 3 (GCLS, source, neighbour)")
+        if min(self.num_entities, self.num_relations, self.num_entity_layers) < 1:
+            raise ValueError("num_entities, num_relations and num_entity_layers must be >= 1")
+
+    @property
+    def mep_loss_weight(self) -> float:
+        """Weight of the MEP auxiliary loss: self_dropout / (1 + self_dropout) (REFERENCE.md)."""
+        return self.mep_self_dropout / (1.0 + self.mep_self_dropout)
+
+
+@dataclass
+class HittEROutput(ModelOutput):
+    """``scores`` (B, E); losses are scalars; ``hidden_states`` holds every context-layer
+    output (B, 2+N, D) when asked for; ``attention_mask`` (B, 2+N) bool, True = real token."""
+
+    loss: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    lp_loss: torch.Tensor | None = None
+    mep_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+class PostLNLayer(nn.Module):
+    """A post-LN Transformer encoder layer (BERT / ``nn.TransformerEncoderLayer`` layout) with
+    fused scaled-dot-product attention. ``ffn_dropout`` adds torch's dropout after the FFN
+    activation, which the reference's context layers (torch) have and its BERT layers do not."""
+
+    def __init__(self, config: HittERConfig, eps: float, ffn_dropout: bool) -> None:
+        super().__init__()
+        d, self.heads = config.hidden_size, config.num_attention_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.attn_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn_in = nn.Linear(d, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.attention_dropout = config.attention_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.ffn_dropout = nn.Dropout(config.hidden_dropout) if ffn_dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D); mask (B, L) bool, True = real key (None: no padding)."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )  # (B, H, L, D/H)
+        a = a.transpose(1, 2).reshape(B, L, D)
+        x = self.attn_norm(x + self.dropout(self.attn_out(a)))
+        h = self.ffn_dropout(self.act(self.ffn_in(x)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(h)))
+
+
+class HittER(PreTrainedModel):
+    """Entity Transformer + context Transformer + 1vsAll dot-product scoring."""
+
+    config_class = HittERConfig
+    base_model_prefix = "hitter"
+    _no_split_modules = ["PostLNLayer"]
+
+    def __init__(self, config: HittERConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.entity_embeddings = nn.Embedding(config.num_entities, d)
+        self.relation_embeddings = nn.Embedding(2 * config.num_relations, d)
+        self.cls_vector = nn.Parameter(torch.zeros(d))
+        self.pair_position_embeddings = nn.Embedding(3, d)  # [CLS], entity, relation
+        self.pair_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.pair_layers = nn.ModuleList(
+            PostLNLayer(config, config.layer_norm_eps, ffn_dropout=False)
+            for _ in range(config.num_entity_layers)
+        )
+        if config.use_context:
+            self.gcls_vector = nn.Parameter(torch.zeros(d))
+            self.mask_vector = nn.Parameter(torch.zeros(d))  # MEP [MASK]
+            self.type_embeddings = nn.Embedding(config.type_vocab_size, d)
+            self.context_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+            self.context_layers = nn.ModuleList(
+                PostLNLayer(config, config.context_layer_norm_eps, ffn_dropout=True)
+                for _ in range(config.num_context_layers)
+            )
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear / Embedding normal(0, std), LayerNorm 1 / 0
+        if isinstance(module, HittER):
+            for name in ("cls_vector", "gcls_vector", "mask_vector"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name), mean=0.0, std=self.config.initializer_range)
+
+    # ------------------------------------------------------------------ public entry points
+
+    def forward(
+        self,
+        sources: torch.Tensor,
+        relations: torch.Tensor,
+        nbr_entities: torch.Tensor | None = None,
+        nbr_relations: torch.Tensor | None = None,
+        nbr_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> HittEROutput:
+        """Score the queries (sources (B,), relations (B,) in [0, 2R), ?) against all entities.
+
+        Neighbours (B, N) with ``nbr_mask`` True for real tokens; ignored when
+        ``use_context`` is off, and N = 0 when not given. With ``targets`` (B,) the loss is
+        computed (module docstring). MEP and dropout follow ``self.training``.
+        """
+        mep = self.training and self.config.use_context and self.config.mep_self_dropout > 0
+        table = F.dropout(
+            self.entity_embeddings.weight, self.config.output_dropout, self.training
+        )  # (E, D)
+        if not self.config.use_context:
+            src_vec = self.entity_embeddings(sources)  # (B, D)
+            query = self._encode_pairs(src_vec, relations, input_dropout=self.training)
+            out = HittEROutput(scores=query @ table.T)  # (B, E)
+            return self._add_loss(out, targets)
+
+        layers, mask, selected = self._contextualise(
+            sources, relations, nbr_entities, nbr_relations, nbr_mask,
+            mep=mep, input_dropout=self.training,
+        )
+        last = layers[-1]  # (B, 2+N, D)
+        out = HittEROutput(
+            scores=last[:, 0] @ table.T,  # (B, E)
+            hidden_states=tuple(layers) if output_hidden_states else None,
+            attention_mask=mask,
+        )
+        if mep and self.config.mep_aux_loss:
+            # Recover the perturbed source from its context output (weights tied, no bias).
+            if selected.any():
+                src_scores = last[selected, 1] @ table.T  # (S, E)
+                out.mep_loss = F.cross_entropy(
+                    src_scores, sources[selected], label_smoothing=self.config.label_smoothing
+                )
+            else:
+                out.mep_loss = last.new_zeros(())
+        return self._add_loss(out, targets)
+
+    def encode(
+        self,
+        sources: torch.Tensor,
+        relations: torch.Tensor,
+        nbr_entities: torch.Tensor | None = None,
+        nbr_relations: torch.Tensor | None = None,
+        nbr_mask: torch.Tensor | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Representation mode for the QA stage (REFERENCE.md "QA"): every context-layer output
+        (B, 2+N, D) and the mask (B, 2+N). No source masking and no 0.6 input dropout; the
+        Transformer-internal dropouts follow ``self.training``."""
+        if not self.config.use_context:
+            raise ValueError("encode() needs the context Transformer (use_context=True)")
+        layers, mask, _ = self._contextualise(
+            sources, relations, nbr_entities, nbr_relations, nbr_mask,
+            mep=False, input_dropout=False,
+        )
+        return tuple(layers), mask
+
+    # ------------------------------------------------------------------ internals
+
+    def _add_loss(self, out: HittEROutput, targets: torch.Tensor | None) -> HittEROutput:
+        if targets is not None:
+            out.lp_loss = F.cross_entropy(
+                out.scores, targets, label_smoothing=self.config.label_smoothing
+            )
+            out.loss = out.lp_loss
+            if out.mep_loss is not None:
+                out.loss = out.lp_loss + self.config.mep_loss_weight * out.mep_loss
+        return out
+
+    def _encode_pairs(
+        self, entity_vecs: torch.Tensor, relation_ids: torch.Tensor, input_dropout: bool
+    ) -> torch.Tensor:
+        """Entity Transformer: (P, D) entity vectors and (P,) relation ids -> (P, D) CLS out."""
+        P, D = entity_vecs.shape
+        x = torch.stack(
+            (self.cls_vector.expand(P, D), entity_vecs, self.relation_embeddings(relation_ids)),
+            dim=1,
+        )  # (P, 3, D)
+        x = x + self.pair_position_embeddings.weight  # (3, D) broadcast
+        x = F.dropout(x, self.config.output_dropout, training=input_dropout)
+        x = self.pair_norm(x)
+        for layer in self.pair_layers:
+            x = layer(x)
+        return x[:, 0]
+
+    def _sample_mep(self, B: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(B,) bool masks selected / masked / replaced, as the reference draws them."""
+        c = self.config
+        selected = torch.rand(B, device=device) < c.mep_self_dropout
+        masked = selected & (torch.rand(B, device=device) < c.mep_mask_prob)
+        replaced = selected & ~masked & (torch.rand(B, device=device) < c.mep_replace_prob)
+        return selected, masked, replaced
+
+    def _contextualise(
+        self,
+        sources: torch.Tensor,
+        relations: torch.Tensor,
+        nbr_entities: torch.Tensor | None,
+        nbr_relations: torch.Tensor | None,
+        nbr_mask: torch.Tensor | None,
+        mep: bool,
+        input_dropout: bool,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Both Transformers; returns (context-layer outputs, mask (B, 2+N), MEP-selected (B,))."""
+        B, D, device = sources.shape[0], self.config.hidden_size, sources.device
+        two_r = 2 * self.config.num_relations
+        if nbr_entities is None:
+            nbr_entities = nbr_relations = sources.new_zeros(B, 0)
+            nbr_mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
+        elif nbr_mask is None:
+            nbr_mask = torch.ones(nbr_entities.shape, dtype=torch.bool, device=device)
+        N = nbr_entities.shape[1]
+
+        # Source vectors after MEP; replaced sources take a random entity's vector, detached.
+        src_vec = self.entity_embeddings(sources)  # (B, D)
+        src_key = sources * two_r + relations  # (B,) pair key: entity * 2R + relation
+        selected = torch.zeros(B, dtype=torch.bool, device=device)
+        if mep:
+            selected, masked, replaced = self._sample_mep(B, device)
+            random_ids = torch.randint(self.config.num_entities, (B,), device=device)
+            src_vec = torch.where(masked[:, None], self.mask_vector.to(src_vec.dtype), src_vec)
+            src_vec = torch.where(
+                replaced[:, None], self.entity_embeddings(random_ids).detach(), src_vec
+            )
+            # [MASK] acts as entity id E; replaced sources get keys of their own (detached).
+            src_key = torch.where(masked, self.config.num_entities * two_r + relations, src_key)
+            src_key = torch.where(replaced, -1 - torch.arange(B, device=device), src_key)
+
+        # Real pairs (source first, then real neighbours), flattened over (B, 1+N).
+        ents = torch.cat((sources[:, None], nbr_entities), dim=1)  # (B, 1+N)
+        rels = torch.cat((relations[:, None], nbr_relations), dim=1)  # (B, 1+N)
+        keys = torch.cat((src_key[:, None], nbr_entities * two_r + nbr_relations), dim=1)
+        real = torch.cat((nbr_mask.new_ones(B, 1), nbr_mask), dim=1)  # (B, 1+N)
+        positions = real.flatten().nonzero().squeeze(1)  # (P,) into B*(1+N)
+        if not self.training or self.config.dedup_pairs_in_training:
+            uniq, inverse = torch.unique(keys.flatten()[positions], return_inverse=True)  # (P,)
+            first = torch.full(
+                (len(uniq),), len(positions), dtype=torch.long, device=device
+            ).scatter_reduce_(0, inverse, torch.arange(len(positions), device=device), "amin")
+            unique_pos = positions[first]  # (U,) flat position of each distinct pair
+        else:
+            inverse, unique_pos = None, positions
+        row, col = unique_pos // (1 + N), unique_pos % (1 + N)  # (U,)
+        ent_vec = torch.where(
+            (col == 0)[:, None], src_vec[row], self.entity_embeddings(ents.flatten()[unique_pos])
+        )  # (U, D)
+        pair_out = self._encode_pairs(ent_vec, rels.flatten()[unique_pos], input_dropout)
+        if inverse is not None:
+            pair_out = pair_out[inverse]  # (P, D)
+        pair_vecs = pair_out.new_zeros(B * (1 + N), D).index_copy(0, positions, pair_out)
+
+        # Context Transformer over [GCLS, source, neighbours...] + type embeddings.
+        x = torch.cat(
+            (self.gcls_vector.expand(B, 1, D).to(pair_vecs.dtype), pair_vecs.view(B, 1 + N, D)),
+            dim=1,
+        )  # (B, 2+N, D)
+        type_ids = torch.full((2 + N,), NEIGHBOUR_TYPE, dtype=torch.long, device=device)
+        type_ids[0], type_ids[1] = GCLS_TYPE, SOURCE_TYPE
+        x = x + self.type_embeddings(type_ids)  # (2+N, D) broadcast
+        x = self.context_norm(F.dropout(x, self.config.hidden_dropout, self.training))
+        mask = torch.cat((torch.ones_like(real[:, :1]), real), dim=1)  # (B, 2+N)
+        layers = []
+        for layer in self.context_layers:
+            x = layer(x, mask)
+            layers.append(x)
+        return layers, mask, selected
+
+
+class Scorer:
+    """Callable (sources (B,), relations (B,)) -> scores (B, E) in eval mode, with the fixed
+    evaluation neighbourhoods of ``neighbour_index`` (REFERENCE.md "Neighbourhoods")."""
+
+    def __init__(self, model: HittER, neighbour_index) -> None:
+        self.model = model
+        self.neighbour_index = neighbour_index
+
+    @torch.no_grad()
+    def __call__(self, sources: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+        model, device = self.model, self.model.device
+        was_training = model.training
+        model.eval()
+        try:
+            kwargs = {}
+            if model.config.use_context:
+                nb = self.neighbour_index.gather(
+                    sources, model.config.max_neighbours, train=False
+                )
+                kwargs = dict(
+                    nbr_entities=nb.entities.to(device),
+                    nbr_relations=nb.relations.to(device),
+                    nbr_mask=nb.mask.to(device),
+                )
+            return model(sources.to(device), relations.to(device), **kwargs).scores
+        finally:
+            model.train(was_training)
+
+
+def make_scorer(model: HittER, neighbour_index) -> Scorer:
+    """The evaluation scorer of ``model`` (see :class:`Scorer`)."""
+    return Scorer(model, neighbour_index)

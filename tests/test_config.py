@@ -1,0 +1,119 @@
+"""Run configuration (hitter_core/config.py): presets, overrides, errors, save/restore."""
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from hitter_core.config import (
+    PRESET_DIR,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from hitter_core.model import HittER, HittERConfig
+
+PRESETS = ("fb15k-237", "wn18rr", "cpu-small")
+
+
+def test_defaults_are_the_paper_fb15k237_run():
+    model, train = load_config(None)
+    assert (model.hidden_size, model.num_attention_heads, model.intermediate_size) == (
+        320, 8, 1280)
+    assert (model.num_entity_layers, model.num_context_layers, model.max_neighbours) == (3, 6, 50)
+    assert (model.output_dropout, model.mep_self_dropout, model.mep_aux_loss) == (0.6, 0.5, False)
+    assert (train.batch_size, train.lr, train.adam_eps, train.weight_decay) == (
+        512, 0.01, 1e-6, 0.01)
+    assert (train.max_epochs, train.validate_every, train.patience) == (300, 5, 10)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_hold_only_differences(name):
+    raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    defaults = {"model": HittERConfig(), "train": TrainConfig()}
+    for section, items in raw.items():
+        for key, value in items.items():
+            assert getattr(defaults[section], key) != value, f"{name}: {section}.{key} is default"
+    load_config(name)  # and they load
+
+
+def test_wn18rr_preset_values():
+    model, train = load_config("wn18rr")
+    assert (model.dataset, model.num_entities, model.num_relations) == ("wn18rr", 40943, 11)
+    assert (model.max_neighbours, model.neighbour_drop, model.label_smoothing) == (12, 0.5, 0.1)
+    assert (model.mep_self_dropout, model.mep_mask_prob, model.mep_replace_prob) == (0.8, 0.6, 0.3)
+    assert model.mep_aux_loss and model.mep_loss_weight == pytest.approx(0.8 / 1.8)
+    assert (train.lr, train.max_epochs) == (0.008, 500)
+    assert model.hidden_size == 320  # untouched defaults stay
+
+
+def test_cpu_small_preset_builds_a_working_model():
+    sizes = ["model.num_entities=30", "model.num_relations=4"]
+    model_config, _ = load_config("cpu-small", sizes)
+    assert model_config.hidden_size < 320 and model_config.num_context_layers < 6
+    model = HittER(model_config).eval()
+    scores = model(torch.tensor([0, 1]), torch.tensor([0, 7])).scores
+    assert scores.shape == (2, 30)
+
+
+def test_overrides_apply_with_types():
+    model, train = load_config(
+        "wn18rr",
+        ["model.hidden_size=64", "model.num_attention_heads=4", "train.lr=1",
+         "train.max_steps=5", "model.use_context=false", "train.data_dir=/tmp/x",
+         "model.dim=128"],
+    )
+    assert model.hidden_size == 128  # the alias "dim", applied last
+    assert model.use_context is False and model.max_neighbours == 12  # preset kept
+    assert train.lr == 1.0 and isinstance(train.lr, float)
+    assert train.max_steps == 5 and train.data_dir == "/tmp/x"
+    _, train = load_config("fb15k-237", ["train.max_steps=null"])
+    assert train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    "override, error, words",
+    [
+        ("train.lrr=0.1", KeyError, "did you mean train.lr"),
+        ("model.heads=4", KeyError, "unknown key 'model.heads'"),
+        ("optim.lr=0.1", KeyError, "unknown section"),
+        ("train.lr", ValueError, "section.key=value"),
+        ("lr=0.1", ValueError, "section.key=value"),
+        ("model.hidden_size=abc", Exception, "hidden_size"),
+        ("model.use_context=3", Exception, "use_context"),
+        ("train.batch_size=0", Exception, "batch_size"),
+        ("model.hidden_size=100", Exception, "num_attention_heads"),
+        ("model.output_dropout=1.5", Exception, "output_dropout"),
+    ],
+)
+def test_bad_overrides_fail_clearly(override, error, words):
+    with pytest.raises(error) as info:
+        load_config("fb15k-237", [override])
+    assert words in str(info.value)
+
+
+def test_unknown_key_or_section_in_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hiden_size: 64\n")
+    with pytest.raises(KeyError, match="hidden_size"):
+        load_config(bad)
+    bad.write_text("optimizer:\n  lr: 0.1\n")
+    with pytest.raises(KeyError, match="unknown section"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="wn18rr"):
+        load_config("no-such-preset")
+
+
+def test_save_and_restore_resolved_config(tmp_path):
+    model, train = load_config("wn18rr", ["train.seed=7", "model.hidden_size=64"])
+    path = tmp_path / "config.yaml"
+    save_config(path, model, train)
+    saved = yaml.safe_load(path.read_text())
+    assert saved["train"]["seed"] == 7 and saved["model"]["hidden_size"] == 64
+    assert "max_neighbours" in saved["model"] and "id2label" not in saved["model"]
+    model2, train2 = load_config(path)
+    assert train2 == train
+    assert config_to_dict(model2, train2) == config_to_dict(model, train)
+    assert dataclasses.asdict(train2)["seed"] == 7
