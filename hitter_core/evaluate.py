@@ -1,4 +1,4 @@
-"""Link-prediction evaluation: filtered ranking in both directions (paper section 4.1).
+"""Link-prediction evaluation: filtered ranking in both directions (paper section 3.2).
 
 Every triple ``(h, r, t)`` of the evaluated split gives a tail query ``(h, r) -> t`` and a
 head query through the reciprocal relation ``(t, r + R) -> h``. Each query is scored against

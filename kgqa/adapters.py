@@ -1,0 +1,183 @@
+"""Cross-attention from a BERT masked LM into HittER's context layers (paper section 4,
+Figure 4, and appendix B).
+
+After the self-attention block of chosen LM layers, and before their feed-forward block, a
+:class:`CrossAttentionAdapter` lets the LM's hidden states (queries) attend over the output
+sequence of one HittER context layer ([GCLS, source, neighbours], keys and values projected
+from the KG width to the LM width), masking KG padding. Its output goes through dense, dropout,
+residual and LayerNorm (post-LN, as BERT's own attention output; REFERENCE.md "QA").
+
+The LM is composed, not forked: :func:`attach_adapters` replaces each chosen
+``layer.attention`` by a :class:`KGAttention` that calls the original module and then the
+adapter. The KG states of the current batch reach the adapters through a shared
+:class:`KGContext`, which :class:`kgqa.model.KGEnhancedLM` fills for the duration of one forward
+call. With an empty context (or for rows without a KG entity) the layer is the stock one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+
+
+def default_layer_mapping(num_lm_layers: int, num_kg_layers: int) -> dict[int, int]:
+    """Which HittER context layer each LM layer attends to; both 1-based, ``{lm: kg}``.
+
+    The paper (12 LM layers, 6 HittER layers) skips HittER's first layer and connects every two
+    LM layers to one HittER layer from the top down: LM 3-4 -> 2, 5-6 -> 3, ..., 11-12 -> 6; LM
+    layers 1-2 get no adapter. The rule for other depths, with L LM and K KG layers and the usable
+    KG layers 2..K (only layer 1 when K = 1):
+
+    * L >= 2K (room for two LM layers per KG layer, as in the paper): the top 2(K-1) LM layers
+      attend in pairs to KG layers 2..K, bottom to bottom (K = 1: the top two to layer 1).
+    * L < 2K (a shallow LM): every second LM layer from the top (L, L-2, ...) attends to the KG
+      layer at the same relative depth, ceil(l K / L); layers that would get KG layer 1 get none
+      (unless K = 1).
+
+    Examples: (12, 6) -> the paper's; (6, 6) -> {2: 2, 4: 4, 6: 6}; (6, 3) -> {3: 2, 4: 2, 5: 3,
+    6: 3}; (6, 2) -> {5: 2, 6: 2}; (4, 6) -> {2: 3, 4: 6}.
+    """
+    L, K = num_lm_layers, num_kg_layers
+    if L < 1 or K < 1:
+        raise ValueError(f"need at least one LM and one KG layer, got {L} and {K}")
+    usable = list(range(2, K + 1)) if K > 1 else [1]
+    if L >= 2 * K:
+        first = L - 2 * len(usable) + 1
+        return {first + i: usable[i // 2] for i in range(2 * len(usable))}
+    mapping = {}
+    for lm in range(L, 0, -2):
+        kg = math.ceil(lm * K / L)
+        if kg in usable:
+            mapping[lm] = kg
+    return dict(sorted(mapping.items()))
+
+
+def check_layer_mapping(mapping: Mapping[int, int], num_lm_layers: int, num_kg_layers: int) -> None:
+    """Raise if ``mapping`` names an LM layer outside 1..L or a KG layer outside 1..K."""
+    for lm, kg in mapping.items():
+        if not (1 <= lm <= num_lm_layers and 1 <= kg <= num_kg_layers):
+            raise ValueError(
+                f"layer mapping {lm}:{kg} out of range for {num_lm_layers} LM layers "
+                f"and {num_kg_layers} KG layers (both 1-based)"
+            )
+
+
+class KGStates(NamedTuple):
+    """HittER's output for the rows of a batch that have a KG entity."""
+
+    rows: torch.Tensor  # (B_kg,) int64, indices into the LM batch
+    layers: tuple[torch.Tensor, ...]  # every context-layer output, each (B_kg, T, D_kg)
+    mask: torch.Tensor  # (B_kg, T) bool, True = real KG token
+
+
+class KGContext:
+    """The KG states of the batch being encoded, shared by the model and its adapters."""
+
+    def __init__(self) -> None:
+        self.states: KGStates | None = None
+
+    @contextmanager
+    def use(self, states: KGStates | None) -> Iterator[None]:
+        self.states = states
+        try:
+            yield
+        finally:
+            self.states = None
+
+
+class CrossAttentionAdapter(nn.Module):
+    """Multi-head attention of LM tokens over KG tokens, then dense + dropout + residual +
+    LayerNorm. Width, heads, dropouts, LayerNorm eps and init std are the LM's."""
+
+    def __init__(self, lm_config: BertConfig, kg_dim: int, hidden_dropout: float | None = None):
+        super().__init__()
+        d, self.heads = lm_config.hidden_size, lm_config.num_attention_heads
+        if d % self.heads:
+            raise ValueError(f"hidden size {d} is not a multiple of {self.heads} heads")
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(kg_dim, d)
+        self.value = nn.Linear(kg_dim, d)
+        self.dense = nn.Linear(d, d)
+        self.attention_dropout = lm_config.attention_probs_dropout_prob
+        if hidden_dropout is None:
+            hidden_dropout = lm_config.hidden_dropout_prob
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.norm = nn.LayerNorm(d, eps=lm_config.layer_norm_eps)
+        for linear in (self.query, self.key, self.value, self.dense):
+            nn.init.normal_(linear.weight, std=lm_config.initializer_range)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor, kg: torch.Tensor, kg_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) LM states; kg (B, T, D_kg); kg_mask (B, T) bool, True = real token
+        (at least one per row). Returns (B, L, D)."""
+        B, L, D = x.shape
+        T, H = kg.shape[1], self.heads
+        q = self.query(x).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        k = self.key(kg).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        v = self.value(kg).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        a = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=kg_mask[:, None, None, :],  # (B, 1, 1, T)
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )  # (B, H, L, D/H)
+        a = a.transpose(1, 2).reshape(B, L, D)
+        return self.norm(x + self.dropout(self.dense(a)))
+
+
+class KGAttention(nn.Module):
+    """A BERT layer's attention block followed by a :class:`CrossAttentionAdapter`.
+
+    Called exactly like the wrapped module (its return value is passed on with the hidden
+    states replaced). Rows without a KG entity are copied through unchanged, so a batch mixing
+    questions with and without a topic entity gives the former exactly the plain LM's states.
+    """
+
+    def __init__(
+        self, attention: nn.Module, adapter: CrossAttentionAdapter, kg_layer: int,
+        context: KGContext,
+    ) -> None:
+        super().__init__()
+        self.attention = attention
+        self.adapter = adapter
+        self.kg_layer = kg_layer  # 1-based
+        self.context = context
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple:
+        out, *rest = self.attention(hidden_states, *args, **kwargs)  # out (B, L, D)
+        kg = self.context.states
+        if kg is not None and len(kg.rows):
+            x = out[kg.rows]  # (B_kg, L, D)
+            y = self.adapter(x, kg.layers[self.kg_layer - 1], kg.mask)
+            out = out.index_copy(0, kg.rows, y)
+        return (out, *rest)
+
+    def extra_repr(self) -> str:
+        return f"kg_layer={self.kg_layer}"
+
+
+def attach_adapters(
+    layers: nn.ModuleList,
+    mapping: Mapping[int, int],
+    kg_dim: int,
+    lm_config: BertConfig,
+    context: KGContext,
+    hidden_dropout: float | None = None,
+) -> dict[int, CrossAttentionAdapter]:
+    """Wrap ``layers[lm - 1].attention`` for every (lm, kg) of ``mapping`` (1-based) in place;
+    returns the new adapters by LM layer."""
+    adapters = {}
+    for lm, kg in sorted(mapping.items()):
+        layer = layers[lm - 1]
+        if isinstance(layer.attention, KGAttention):
+            raise ValueError(f"LM layer {lm} already has an adapter")
+        adapter = CrossAttentionAdapter(lm_config, kg_dim, hidden_dropout)
+        layer.attention = KGAttention(layer.attention, adapter, kg, context)
+        adapters[lm] = adapter
+    return adapters

@@ -1,0 +1,359 @@
+"""KG-enhanced masked LM (kgqa/model.py, kgqa/adapters.py, kgqa/config.py): the layer mapping,
+equivalence with the stock BertForMaskedLM when no KG input flows, padding invariance, frozen
+vs co-trained HittER, parameter groups, save/load and a few questions overfitted.
+
+The LM is the offline MiniLM (6 layers, width 384; its MLM head is freshly initialised, so
+every model here is deep-copied from one loaded LM to share that head); HittER is a tiny
+random one (width 32) over a small random graph.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertForMaskedLM
+
+from hitter_core.model import HittER, HittERConfig
+from hitter_core.neighbours import NeighbourIndex
+from kgqa.adapters import CrossAttentionAdapter, KGAttention, default_layer_mapping
+from kgqa.config import KGQAModelConfig, QATrainConfig, format_layer_mapping, parse_layer_mapping
+from kgqa.model import CONFIG_NAME, KGEnhancedLM
+
+E, R = 30, 4  # tiny graph
+
+
+@pytest.fixture(scope="module")
+def base_lm(minilm_path):
+    return BertForMaskedLM.from_pretrained(minilm_path).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def neighbours():
+    g = torch.Generator().manual_seed(0)
+    heads, tails = torch.randint(E, (120,), generator=g), torch.randint(E, (120,), generator=g)
+    triples = torch.stack([heads, torch.randint(R, (120,), generator=g), tails], dim=1)
+    return NeighbourIndex.from_triples(triples, E, R)
+
+
+def tiny_hitter(context_layers: int = 6, seed: int = 0) -> HittER:
+    torch.manual_seed(seed)
+    return HittER(HittERConfig(
+        num_entities=E, num_relations=R, hidden_size=32, num_attention_heads=4,
+        intermediate_size=64, num_entity_layers=1, num_context_layers=context_layers,
+    ))
+
+
+def make_model(base_lm, neighbours, kg=True, **config) -> KGEnhancedLM:
+    torch.manual_seed(1)  # adapter init
+    hitter = tiny_hitter() if kg else None
+    model = KGEnhancedLM(
+        KGQAModelConfig(lm="minilm", **config), copy.deepcopy(base_lm), hitter,
+        neighbours if kg else None,
+    )
+    return model.eval()
+
+
+def cloze_batch(tokenizer, questions, answers, topics):
+    """RawQuestion + [MASK] * pieces(answer) + "." with the pieces as labels."""
+    texts, pieces = [], []
+    for q, a in zip(questions, answers, strict=True):
+        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        pieces.append(ids)
+        texts.append(f"{q} {' '.join([tokenizer.mask_token] * len(ids))}.")
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = torch.full_like(enc["input_ids"], -100)
+    for i, ids in enumerate(pieces):
+        at = (enc["input_ids"][i] == tokenizer.mask_token_id).nonzero().squeeze(1)
+        labels[i, at] = torch.tensor(ids)
+    return {
+        **enc, "labels": labels, "topic_entity": torch.tensor(topics),
+        "relation": torch.zeros(len(topics), dtype=torch.long),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return cloze_batch(
+        tokenizer,
+        ["what is the capital of france?", "who wrote hamlet?", "where was obama born?",
+         "what language do they speak in brazil?"],
+        ["paris", "william shakespeare", "honolulu", "portuguese"],
+        [3, -1, 7, 12],
+    )
+
+
+def stock_logits(base_lm, batch):
+    """The plain BertForMaskedLM's logits at the labelled positions, (M, V)."""
+    with torch.no_grad():
+        logits = base_lm(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits  # (B, L, V)
+    return logits[batch["labels"] != -100]
+
+
+# ---------------------------------------------------------------------- layer mapping
+
+
+def test_default_mapping_is_the_papers_for_bert_base():
+    paper = {3: 2, 4: 2, 5: 3, 6: 3, 7: 4, 8: 4, 9: 5, 10: 5, 11: 6, 12: 6}
+    assert default_layer_mapping(12, 6) == paper
+
+
+@pytest.mark.parametrize("depths, expected", [
+    ((6, 6), {2: 2, 4: 4, 6: 6}),  # shallow LM: every second layer, same relative depth
+    ((6, 2), {5: 2, 6: 2}),  # two LM layers per KG layer, from the top
+    ((6, 3), {3: 2, 4: 2, 5: 3, 6: 3}),
+    ((4, 6), {2: 3, 4: 6}),
+    ((6, 1), {5: 1, 6: 1}),  # a single KG layer cannot be skipped
+    ((24, 6), {15 + i: 2 + i // 2 for i in range(10)}),
+])
+def test_default_mapping_other_depths(depths, expected):
+    assert default_layer_mapping(*depths) == expected
+
+
+def test_default_mapping_never_uses_the_first_kg_layer():
+    for lm in range(1, 25):
+        for kg in range(2, 9):
+            mapping = default_layer_mapping(lm, kg)
+            assert mapping and 1 not in mapping.values()
+            assert set(mapping) <= set(range(1, lm + 1)) and max(mapping.values()) <= kg
+
+
+def test_parse_and_format_layer_mapping():
+    assert parse_layer_mapping("3:2, 4:2,12:6") == {3: 2, 4: 2, 12: 6}
+    assert parse_layer_mapping({"4": 2, "3": "2"}) == {3: 2, 4: 2}
+    assert format_layer_mapping({4: 2, 3: 2}) == "3:2,4:2"
+    for bad in ("3-2", "3:x", "0:1", "3:1,3:2"):
+        with pytest.raises(ValueError):
+            parse_layer_mapping(bad)
+
+
+def test_explicit_mapping_places_the_adapters(base_lm, neighbours):
+    model = make_model(base_lm, neighbours, layer_mapping="1:6,5:3")
+    wrapped = {
+        i + 1: layer.attention.kg_layer for i, layer in enumerate(model.lm.bert.encoder.layer)
+        if isinstance(layer.attention, KGAttention)
+    }
+    assert wrapped == {1: 6, 5: 3} == model.layer_mapping
+    assert len(model.adapters()) == 2
+    with pytest.raises(ValueError, match="out of range"):
+        make_model(base_lm, neighbours, layer_mapping="7:2")
+    with pytest.raises(ValueError, match="out of range"):
+        make_model(base_lm, neighbours, layer_mapping="2:7")
+
+
+# ---------------------------------------------------------------------- equivalence
+
+
+def test_baseline_equals_stock_lm_at_mask_positions(base_lm, neighbours, batch):
+    model = make_model(base_lm, neighbours, kg=False)
+    with torch.no_grad():
+        out = model(batch)
+    expected = stock_logits(base_lm, batch)
+    assert out.logits.shape == expected.shape
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_kg_rows_are_unchanged_in_a_mixed_batch(base_lm, neighbours, batch):
+    model = make_model(base_lm, neighbours)
+    with torch.no_grad():
+        out = model(batch)
+        none = model({**batch, "topic_entity": torch.full((4,), -1)})
+    expected = stock_logits(base_lm, batch)
+    torch.testing.assert_close(none.logits, expected, rtol=1e-5, atol=1e-5)  # adapters idle
+    plain = batch["topic_entity"][out.rows] < 0  # (M,) positions of the no-KG question
+    assert plain.any() and not plain.all()
+    torch.testing.assert_close(out.logits[plain], expected[plain], rtol=1e-5, atol=1e-5)
+    # ... while the KG does reach the other questions.
+    assert (out.logits[~plain] - expected[~plain]).abs().max() > 1e-2
+
+
+def test_kg_padding_changes_nothing(base_lm, neighbours, batch):
+    """A question's logits do not depend on the other questions of the batch (whose
+    neighbourhoods set the KG padding width)."""
+    degrees = neighbours.degrees()
+    small, big = int(degrees.argmin()), int(degrees.argmax())
+    assert degrees[small] < degrees[big]
+    model = make_model(base_lm, neighbours)
+    one = {k: v[:1] for k, v in batch.items()}
+    two = {k: v[:1].repeat(2, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+    with torch.no_grad():
+        alone = model({**one, "topic_entity": torch.tensor([small])}).logits
+        padded = model({**two, "topic_entity": torch.tensor([small, big])})
+    torch.testing.assert_close(padded.logits[padded.rows == 0], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_masks_kg_padding():
+    from transformers import BertConfig
+
+    config = BertConfig(hidden_size=16, num_attention_heads=4, attention_probs_dropout_prob=0.0)
+    adapter = CrossAttentionAdapter(config, kg_dim=8).eval()
+    x, kg = torch.randn(2, 5, 16), torch.randn(2, 3, 8)  # (B, L, D), (B, T, D_kg)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    noisy = torch.where(mask[..., None], kg, torch.randn_like(kg) * 100)
+    torch.testing.assert_close(adapter(x, kg, mask), adapter(x, noisy, mask))
+    assert not torch.allclose(adapter(x, kg, mask), adapter(x, noisy, torch.ones_like(mask)))
+
+
+def test_kg_input_follows_train_and_eval_mode(base_lm, neighbours):
+    """Evaluation: the fixed first ``max_neighbours`` of the topic; training: a fresh random
+    subset each call (HittER's dropouts are off here, so only the neighbours can differ)."""
+    hub = int(neighbours.degrees().argmax())
+    assert neighbours.degrees()[hub] > 6
+    torch.manual_seed(1)
+    hitter = HittER(HittERConfig(
+        num_entities=E, num_relations=R, hidden_size=32, num_attention_heads=4,
+        intermediate_size=64, num_entity_layers=1, num_context_layers=2,
+        attention_dropout=0.0, hidden_dropout=0.0,
+    ))
+    model = KGEnhancedLM(KGQAModelConfig(max_neighbours=3), copy.deepcopy(base_lm), hitter,
+                         neighbours)
+    topics, relations = torch.tensor([-1, hub, -1]), torch.zeros(3, dtype=torch.long)
+
+    def kg_tokens():
+        states = model.encode_kg(topics, relations)
+        assert states.rows.tolist() == [1] and states.mask.shape == (1, 2 + 3)
+        return states.layers[-1][0].flatten()  # (5 D_kg,) [GCLS, source, 3 neighbours]
+
+    model.eval()
+    torch.testing.assert_close(kg_tokens(), kg_tokens())
+    model.train()
+    torch.manual_seed(0)
+    draws = torch.stack([kg_tokens() for _ in range(4)])  # (4, 5 D_kg)
+    assert (draws[1:] - draws[0]).abs().amax(dim=1).max() > 1e-2
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def test_logits_only_at_mask_positions(base_lm, neighbours, batch, tokenizer):
+    model = make_model(base_lm, neighbours)
+    with torch.no_grad():
+        out = model(batch)
+        unlabelled = model({k: v for k, v in batch.items() if k != "labels"})
+    pieces = [len(tokenizer(a, add_special_tokens=False)["input_ids"])
+              for a in ["paris", "william shakespeare", "honolulu", "portuguese"]]
+    assert out.logits.shape == (sum(pieces), base_lm.config.vocab_size)
+    assert out.rows.tolist() == [i for i, n in enumerate(pieces) for _ in range(n)]
+    assert out.labels.tolist() == batch["labels"][batch["labels"] != -100].tolist()
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(unlabelled.logits, out.logits)  # [MASK] ids give the positions
+    assert unlabelled.loss is None
+
+
+# ---------------------------------------------------------------------- training set-up
+
+
+@pytest.mark.parametrize("freeze_kg", [True, False])
+def test_frozen_or_cotrained_hitter(base_lm, neighbours, batch, freeze_kg):
+    model = make_model(base_lm, neighbours, freeze_kg=freeze_kg).train()
+    assert model.hitter.training is not freeze_kg  # frozen HittER stays in eval mode
+    model(batch).loss.backward()
+    hitter_params = list(model.hitter.parameters())
+    got_grad = [p.grad is not None and p.grad.abs().sum() > 0 for p in hitter_params]
+    assert not any(got_grad) if freeze_kg else any(got_grad)
+    assert all(p.grad is not None for a in model.adapters() for p in a.parameters())
+
+    new, pretrained = model.parameter_groups()
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(new) == ids(p for a in model.adapters() for p in a.parameters())
+    assert not ids(new) & ids(pretrained)
+    assert ids(model.lm.bert.encoder.layer[0].parameters()) <= ids(pretrained)
+    assert bool(ids(hitter_params) & ids(pretrained)) is not freeze_kg
+    assert (ids(new) | ids(pretrained)) == ids(p for p in model.parameters() if p.requires_grad)
+
+
+def test_optimizer_groups(base_lm, neighbours):
+    model = make_model(base_lm, neighbours)
+    train = QATrainConfig()
+    groups = model.optimizer_groups(train)
+    adapter = model.adapters()[0]
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(adapter.query.weight)]["lr"] == train.lr_adapters == 5e-5
+    assert by_param[id(adapter.query.weight)]["weight_decay"] == 0.01
+    assert by_param[id(adapter.query.bias)]["weight_decay"] == 0.0
+    assert by_param[id(adapter.norm.weight)]["weight_decay"] == 0.0
+    word = model.lm.bert.embeddings.word_embeddings.weight
+    assert by_param[id(word)] == {"params": by_param[id(word)]["params"], "lr": 5e-6,
+                                  "weight_decay": 0.01}
+    assert by_param[id(model.hitter.context_layers[0].attn_norm.weight)]["weight_decay"] == 0.0
+    assert len(by_param) == sum(len(g["params"]) for g in groups)  # each parameter once
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(base_lm, neighbours, batch, tmp_path):
+    tiny_hitter().save_pretrained(tmp_path / "hitter")
+    config = KGQAModelConfig(lm="minilm", kg_checkpoint=str(tmp_path / "hitter"),
+                             layer_mapping="4:3,6:6", freeze_kg=True)
+    model = KGEnhancedLM.build(config, neighbours).eval()
+    model.save_pretrained(tmp_path / "qa")
+    loaded = KGEnhancedLM.from_pretrained(tmp_path / "qa", neighbours)
+    assert not loaded.training and loaded.layer_mapping == {4: 3, 6: 6}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
+    record = json.loads((tmp_path / "qa" / CONFIG_NAME).read_text())
+    assert record["model"]["kg_checkpoint"] == str(tmp_path / "hitter")
+    assert record["model"]["layer_mapping"] == "4:3,6:6"
+    assert record["hitter_config"]["hidden_size"] == 32
+    assert not any(p.requires_grad for p in loaded.hitter.parameters())  # freeze_kg kept
+
+
+def test_save_load_baseline_keeps_tied_weights(base_lm, batch, tmp_path):
+    model = make_model(base_lm, None, kg=False)
+    model.save_pretrained(tmp_path)
+    loaded = KGEnhancedLM.from_pretrained(tmp_path)
+    lm = loaded.lm
+    assert lm.cls.predictions.decoder.weight is lm.bert.embeddings.word_embeddings.weight
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["model"]["layer_mapping"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- overfit
+
+
+def test_overfits_a_few_questions(base_lm, neighbours, tokenizer):
+    """Eight cloze questions (two without a KG entity) learned to 100% accuracy, where a
+    question counts only if every masked piece is right (REFERENCE.md)."""
+    questions = [
+        ("what is the capital of france?", "paris", 3),
+        ("who wrote hamlet?", "william shakespeare", 5),
+        ("where was barack obama born?", "honolulu", 7),
+        ("what language is spoken in brazil?", "portuguese", 12),
+        ("which river flows through cairo?", "the nile", -1),
+        ("who painted the mona lisa?", "leonardo da vinci", 20),
+        ("what currency does japan use?", "yen", -1),
+        ("who discovered penicillin?", "alexander fleming", 29),
+    ]
+    batch = cloze_batch(tokenizer, *zip(*questions, strict=True))
+    model = make_model(base_lm, neighbours).train()
+    # The vocabulary matrix (tied to the MLM decoder, half of MiniLM) stays fixed: it halves
+    # the optimiser's work and the head's transform and bias are enough to fit.
+    model.lm.bert.embeddings.word_embeddings.requires_grad_(False)
+    torch.manual_seed(0)
+    new, pretrained = model.parameter_groups()
+    optimizer = torch.optim.AdamW([{"params": new, "lr": 1e-3}, {"params": pretrained, "lr": 5e-4}])
+    for _ in range(40):
+        loss = model(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    wrong = torch.zeros(len(questions)).index_add_(
+        0, out.rows, (out.logits.argmax(-1) != out.labels).float()
+    )  # (B,) wrong pieces per question
+    assert (wrong == 0).all(), f"loss {loss.item():.3f}, wrong pieces {wrong.tolist()}"
