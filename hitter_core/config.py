@@ -59,6 +59,7 @@ class TrainConfig:
     validate_every: int = 5  # epochs
     patience: int = 10  # validations without improvement before stopping
     log_every: int = 100  # steps
+    save_every: int = 200  # steps between "last" checkpoints (also after each validation)
     device: str = "auto"  # "auto": cuda when available, else cpu
 
     def validate_values(self) -> None:
@@ -68,6 +69,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_every < 0:
+            raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
 

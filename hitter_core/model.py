@@ -21,21 +21,26 @@ its trainer sums the tail- and head-query losses). Both terms use ``label_smooth
 Deliberate small differences from the reference: the auxiliary loss scores against the same
 dropped-out entity table as the main scores (the reference drew a second dropout mask), and
 MEP is off in the no-context model (nothing would be left to recover the source from).
+
+Work the outputs do not need is skipped, which changes no result beyond float rounding: the
+context Transformer runs on packed real tokens (``hitter_core.layers``), the last entity layer
+computes only the CLS output, and the last context layer only GCLS (and the source position
+for the MEP loss) unless every hidden state is asked for.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from hitter_core.layers import Packing, PostLNLayer, cross_entropy, dropout
+
 # Token-type ids of the context Transformer (REFERENCE.md "Encoder").
-GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2
+GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2  # = the column, capped at 2
 
 
 @strict
@@ -126,40 +131,6 @@ class HittEROutput(ModelOutput):
     attention_mask: torch.Tensor | None = None
 
 
-class PostLNLayer(nn.Module):
-    """A post-LN Transformer encoder layer (BERT / ``nn.TransformerEncoderLayer`` layout) with
-    fused scaled-dot-product attention. ``ffn_dropout`` adds torch's dropout after the FFN
-    activation, which the reference's context layers (torch) have and its BERT layers do not."""
-
-    def __init__(self, config: HittERConfig, eps: float, ffn_dropout: bool) -> None:
-        super().__init__()
-        d, self.heads = config.hidden_size, config.num_attention_heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attn_out = nn.Linear(d, d)
-        self.attn_norm = nn.LayerNorm(d, eps=eps)
-        self.ffn_in = nn.Linear(d, config.intermediate_size)
-        self.ffn_out = nn.Linear(config.intermediate_size, d)
-        self.ffn_norm = nn.LayerNorm(d, eps=eps)
-        self.act = ACT2FN[config.hidden_act]
-        self.attention_dropout = config.attention_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout)
-        self.ffn_dropout = nn.Dropout(config.hidden_dropout) if ffn_dropout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D); mask (B, L) bool, True = real key (None: no padding)."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )  # (B, H, L, D/H)
-        a = a.transpose(1, 2).reshape(B, L, D)
-        x = self.attn_norm(x + self.dropout(self.attn_out(a)))
-        h = self.ffn_dropout(self.act(self.ffn_in(x)))
-        return self.ffn_norm(x + self.dropout(self.ffn_out(h)))
-
-
 class HittER(PreTrainedModel):
     """Entity Transformer + context Transformer + 1vsAll dot-product scoring."""
 
@@ -217,7 +188,7 @@ class HittER(PreTrainedModel):
         computed (module docstring). MEP and dropout follow ``self.training``.
         """
         mep = self.training and self.config.use_context and self.config.mep_self_dropout > 0
-        table = F.dropout(
+        table = dropout(
             self.entity_embeddings.weight, self.config.output_dropout, self.training
         )  # (E, D)
         if not self.config.use_context:
@@ -226,25 +197,25 @@ class HittER(PreTrainedModel):
             out = HittEROutput(scores=query @ table.T)  # (B, E)
             return self._add_loss(out, targets)
 
-        layers, mask, selected = self._contextualise(
-            sources, relations, nbr_entities, nbr_relations, nbr_mask,
-            mep=mep, input_dropout=self.training,
-        )
-        last = layers[-1]  # (B, 2+N, D)
+        aux = mep and self.config.mep_aux_loss
+        hidden, head, mask, selected = self._contextualise(
+            sources, relations, nbr_entities, nbr_relations, nbr_mask, mep=mep,
+            input_dropout=self.training, hidden_states=output_hidden_states, head_positions=1 + aux,
+        )  # head (B, 1 + aux, D): the last layer's GCLS (and source) outputs
         out = HittEROutput(
-            scores=last[:, 0] @ table.T,  # (B, E)
-            hidden_states=tuple(layers) if output_hidden_states else None,
+            scores=head[:, 0] @ table.T,  # (B, E)
+            hidden_states=hidden,
             attention_mask=mask,
         )
-        if mep and self.config.mep_aux_loss:
+        if aux:
             # Recover the perturbed source from its context output (weights tied, no bias).
             if selected.any():
-                src_scores = last[selected, 1] @ table.T  # (S, E)
-                out.mep_loss = F.cross_entropy(
+                src_scores = head[selected, 1] @ table.T  # (S, E)
+                out.mep_loss = cross_entropy(
                     src_scores, sources[selected], label_smoothing=self.config.label_smoothing
                 )
             else:
-                out.mep_loss = last.new_zeros(())
+                out.mep_loss = head.new_zeros(())
         return self._add_loss(out, targets)
 
     def encode(
@@ -260,17 +231,17 @@ class HittER(PreTrainedModel):
         Transformer-internal dropouts follow ``self.training``."""
         if not self.config.use_context:
             raise ValueError("encode() needs the context Transformer (use_context=True)")
-        layers, mask, _ = self._contextualise(
+        hidden, _, mask, _ = self._contextualise(
             sources, relations, nbr_entities, nbr_relations, nbr_mask,
-            mep=False, input_dropout=False,
+            mep=False, input_dropout=False, hidden_states=True, head_positions=0,
         )
-        return tuple(layers), mask
+        return hidden, mask
 
     # ------------------------------------------------------------------ internals
 
     def _add_loss(self, out: HittEROutput, targets: torch.Tensor | None) -> HittEROutput:
         if targets is not None:
-            out.lp_loss = F.cross_entropy(
+            out.lp_loss = cross_entropy(
                 out.scores, targets, label_smoothing=self.config.label_smoothing
             )
             out.loss = out.lp_loss
@@ -288,11 +259,13 @@ class HittER(PreTrainedModel):
             dim=1,
         )  # (P, 3, D)
         x = x + self.pair_position_embeddings.weight  # (3, D) broadcast
-        x = F.dropout(x, self.config.output_dropout, training=input_dropout)
-        x = self.pair_norm(x)
-        for layer in self.pair_layers:
-            x = layer(x)
-        return x[:, 0]
+        x = dropout(x, self.config.output_dropout, input_dropout)
+        x = self.pair_norm(x).view(P * 3, D)  # packed tokens, no padding
+        starts = torch.arange(0, 3 * P, 3, device=x.device)  # (P,)
+        packing = Packing(P, 3, None, starts, None)
+        for layer in self.pair_layers[:-1]:
+            x = layer(x, packing)
+        return self.pair_layers[-1](x, packing, first=1)  # (P, D): only CLS is used
 
     def _sample_mep(self, B: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(B,) bool masks selected / masked / replaced, as the reference draws them."""
@@ -311,8 +284,16 @@ class HittER(PreTrainedModel):
         nbr_mask: torch.Tensor | None,
         mep: bool,
         input_dropout: bool,
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Both Transformers; returns (context-layer outputs, mask (B, 2+N), MEP-selected (B,))."""
+        hidden_states: bool,
+        head_positions: int,
+    ) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Both Transformers; returns (hidden, head, mask (B, 2+N), MEP-selected (B,)).
+
+        ``hidden``: with ``hidden_states``, every context layer's (B, 2+N, D) output, zeros at
+        padding; else None. ``head`` (B, k, D): the last layer's output at the first
+        k = ``head_positions`` positions (None if 0), computed on its own, so that it is the
+        same bit for bit whether hidden states are asked for or not (``hidden[-1]`` then holds
+        it at those positions). Without hidden states the rest of the last layer is skipped."""
         B, D, device = sources.shape[0], self.config.hidden_size, sources.device
         two_r = 2 * self.config.num_relations
         if nbr_entities is None:
@@ -358,23 +339,36 @@ class HittER(PreTrainedModel):
         pair_out = self._encode_pairs(ent_vec, rels.flatten()[unique_pos], input_dropout)
         if inverse is not None:
             pair_out = pair_out[inverse]  # (P, D)
-        pair_vecs = pair_out.new_zeros(B * (1 + N), D).index_copy(0, positions, pair_out)
 
-        # Context Transformer over [GCLS, source, neighbours...] + type embeddings.
-        x = torch.cat(
-            (self.gcls_vector.expand(B, 1, D).to(pair_vecs.dtype), pair_vecs.view(B, 1 + N, D)),
-            dim=1,
-        )  # (B, 2+N, D)
-        type_ids = torch.full((2 + N,), NEIGHBOUR_TYPE, dtype=torch.long, device=device)
-        type_ids[0], type_ids[1] = GCLS_TYPE, SOURCE_TYPE
-        x = x + self.type_embeddings(type_ids)  # (2+N, D) broadcast
-        x = self.context_norm(F.dropout(x, self.config.hidden_dropout, self.training))
+        # Context Transformer over [GCLS, source, neighbours...] + type embeddings, holding the
+        # T = B + P real tokens packed in row-major order: GCLS of a row, then its pairs.
         mask = torch.cat((torch.ones_like(real[:, :1]), real), dim=1)  # (B, 2+N)
+        ctx_pos = mask.flatten().nonzero().squeeze(1)  # (T,) into B*(2+N)
+        row_starts = torch.cumsum(mask.sum(1), 0) - mask.sum(1)  # (B,) packed GCLS index
+        is_pair = torch.ones(len(ctx_pos), dtype=torch.bool, device=device)
+        is_pair[row_starts] = False
+        x = pair_out.new_zeros(len(ctx_pos), D).index_copy(
+            0, row_starts, self.gcls_vector.expand(B, D).to(pair_out.dtype)
+        ).index_copy(0, is_pair.nonzero().squeeze(1), pair_out)  # (T, D)
+        type_ids = (ctx_pos % (2 + N)).clamp(max=NEIGHBOUR_TYPE)  # column 0 GCLS, 1 source
+        x = x + self.type_embeddings(type_ids)  # (T, D)
+        x = self.context_norm(dropout(x, self.config.hidden_dropout, self.training))
+        packing = Packing(B, 2 + N, ctx_pos, row_starts, mask[:, None, None, :])
         layers = []
-        for layer in self.context_layers:
-            x = layer(x, mask)
+        for layer in self.context_layers[:-1]:
+            x = layer(x, packing)
             layers.append(x)
-        return layers, mask, selected
+        head = hidden = None
+        if head_positions:
+            head = self.context_layers[-1](x, packing, first=head_positions)  # (B * k, D)
+            head = head.view(B, head_positions, D)
+        if hidden_states:
+            layers.append(self.context_layers[-1](x, packing))
+            hidden = [packing.pad(h) for h in layers]  # (B, 2+N, D) each
+            if head is not None:
+                hidden[-1] = torch.cat((head, hidden[-1][:, head_positions:]), dim=1)
+            hidden = tuple(hidden)
+        return hidden, head, mask, selected
 
 
 class Scorer:

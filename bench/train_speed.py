@@ -1,0 +1,152 @@
+"""Training throughput, peak memory and evaluation time of HittER (paper section 2, trained as
+in section 3.3) for a preset and batch size, on CPU or GPU.
+
+One timed step is a full training step built from the trainer's own pieces
+(``hitter_core.train.make_batch``/``compute_loss``, ``hitter_core.optim``), without the
+DeepSpeed engine: B random train triples, their 2B queries (tail queries and reciprocal head
+queries) with train-mode neighbourhoods (fresh random subset, ground-truth token removed,
+neighbour drop), one forward over both directions, backward, per-tensor gradient clipping and
+an Adamax step (decoupled weight decay). Throughput counts **triples** (a triple's two queries
+once) over ``--steps`` steps after ``--warmup`` untimed ones; the mean, median and best step
+are printed. Evaluation time is the time to rank ``--eval-queries`` queries of the valid split
+with the evaluation neighbourhoods and the filter (scoring, filtering, ranking), extrapolated
+to the whole test split (2 x 20,466 queries for FB15K-237); ``--eval-queries 0`` ranks the
+whole test split instead. Peak memory is the process's max RSS on CPU (data and indexes
+included) and ``torch.cuda.max_memory_allocated`` on GPU.
+
+    python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
+        [--device cpu|cuda] [model.hidden_size=128 train.lr=0.02 ...]
+
+On a CPU shared with other jobs, OpenMP's default busy-waiting makes every parallel op wait
+for a descheduled thread: run with ``OMP_WAIT_POLICY=PASSIVE`` there (several times faster
+under load); on an idle machine the default is as fast or slightly faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hitter_core.config import TrainConfig, load_config
+from hitter_core.data import default_data_dir, load_kg
+from hitter_core.evaluate import rank_queries, split_queries
+from hitter_core.model import HittER, make_scorer
+from hitter_core.neighbours import NeighbourIndex
+from hitter_core.optim import build_optimizer, clip_grad_per_tensor_
+from hitter_core.ranking import FilterIndex
+from hitter_core.train import compute_loss, make_batch
+
+
+def make_train_step(
+    model: HittER, index: NeighbourIndex, train: torch.Tensor, train_cfg: TrainConfig,
+    batch_size: int,
+) -> Callable[[], float]:
+    """A closure running one training step on B random train triples; returns the loss.
+    The trainer's own pieces (batch, loss, optimizer, clipping), without DeepSpeed."""
+    optimizer = build_optimizer(model, train_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:
+        batch = make_batch(train[torch.randint(len(train), (batch_size,))], index, model.config)
+        loss, _ = compute_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_per_tensor_(params, train_cfg.max_grad_norm)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB (CUDA allocated)"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{rss_kib / 2**10:,.0f} MiB (process max RSS)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="fb15k-237", help="preset name or YAML path")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--eval-queries", type=int, default=2048,
+                        help="valid queries to time, extrapolated to test; 0: the whole test")
+    parser.add_argument("--eval-batch-size", type=int, default=None,
+                        help="default: the preset's train.eval_batch_size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for training")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model_cfg, train_cfg = load_config(args.preset, args.overrides)
+    batch_size = args.batch_size or train_cfg.batch_size
+    eval_batch = args.eval_batch_size or train_cfg.eval_batch_size
+
+    t0 = time.perf_counter()
+    kg = load_kg((train_cfg.data_dir or default_data_dir()) / model_cfg.dataset)
+    index = NeighbourIndex.build(kg, seed=model_cfg.neighbour_order_seed).to(device)
+    filter_index = FilterIndex.build(kg)
+    load_s = time.perf_counter() - t0
+    model = HittER(model_cfg).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model_cfg
+    print(f"{kg}\nmodel: {n_params:,} parameters, dim {c.hidden_size}, layers "
+          f"{c.num_entity_layers}+{c.num_context_layers * c.use_context}, neighbours "
+          f"{c.max_neighbours * c.use_context}; device {device}, threads "
+          f"{torch.get_num_threads()}, batch {batch_size} triples")
+    print(f"data + neighbour + filter index load: {load_s:.1f} s")
+
+    step = make_train_step(model, index, kg.train, train_cfg, batch_size)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    mean, best = statistics.mean(times), min(times)
+    print(f"train step: mean {mean:.3f} s, median {statistics.median(times):.3f} s, "
+          f"best {best:.3f} s over {args.steps} steps")
+    print(f"throughput: {batch_size / mean:,.1f} triples/s (mean), "
+          f"{batch_size / best:,.1f} triples/s (best step)")
+
+    # Evaluation: eval-mode scorer with the fixed neighbourhoods, filter and realistic rank.
+    scorer = make_scorer(model, index)
+    if args.eval_queries:
+        split, (src, rel, tgt) = "valid", split_queries(kg.valid, kg.num_relations)
+        src, rel, tgt = src[: args.eval_queries], rel[: args.eval_queries], tgt[: args.eval_queries]
+    else:
+        split, (src, rel, tgt) = "test", split_queries(kg.test, kg.num_relations)
+    test_queries = 2 * len(kg.test)
+    sync(device)
+    t = time.perf_counter()
+    rank_queries(scorer, src, rel, tgt, filter_index, eval_batch, device, progress=False)
+    sync(device)
+    eval_s = time.perf_counter() - t
+    how = ("measured" if not args.eval_queries
+           else f"extrapolated from {len(src):,} {split} queries")
+    print(f"evaluation: {len(src) / eval_s:,.0f} queries/s (batch {eval_batch}); "
+          f"test split ({test_queries:,} queries) {eval_s * test_queries / len(src):.1f} s ({how})")
+    print(f"peak memory: {peak_memory(device)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""What a link-prediction run writes to its output directory (paper section 3.3, "we select
+the checkpoint with the best validation MRR"): checkpoints, the best model and the metrics log.
+
+Layout of ``output_dir``::
+
+    run_config.yaml   resolved configuration (hitter_core.config.save_config), at start
+    ds_config.json    resolved DeepSpeed configuration
+    metrics.jsonl     one JSON object per line: training logs, validations, the test result
+    tensorboard/      the same scalars, when tensorboard is installed
+    last/             model (save_pretrained) + run_config.yaml + trainer_state.pt
+    best/             model (save_pretrained) + run_config.yaml + valid_metrics.json
+    test_metrics.json test_metrics.txt   test metrics of best/ (JSON, printed table)
+
+``last`` and ``best`` are written atomically: the directory is assembled under a temporary
+name and swapped in with two renames (``last`` -> ``last.old``, temporary -> ``last``), then
+``last.old`` is removed. A crash between the renames leaves ``last.old``, which
+:func:`existing_checkpoint` falls back to; at every moment one complete checkpoint exists.
+``trainer_state.pt`` holds the optimizer and scheduler state, :class:`TrainState` and the
+data layout (world size, batch size, steps per epoch) that a mid-epoch resume needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from hitter_core.config import TrainConfig, save_config
+from hitter_core.model import HittER
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.yaml"
+TRAINER_STATE = "trainer_state.pt"
+WEIGHTS = "model.safetensors"  # the file save_pretrained writes for a single-shard model
+
+
+@dataclass
+class TrainState:
+    """Progress of a run; everything else a resume needs is in the optimizer/scheduler."""
+
+    step: int = 0  # optimizer steps taken (global: every process takes each step)
+    best_mrr: float = -1.0  # best valid MRR so far
+    best_step: int = -1
+    bad_validations: int = 0  # validations since the last improvement (early stopping)
+    validated_step: int = -1  # step of the last validation
+    stopped_early: bool = False
+
+
+def existing_checkpoint(path: str | os.PathLike) -> Path | None:
+    """``path`` if it is a complete checkpoint directory, else its ``.old`` copy left by a
+    crash during :func:`replace_dir`, else None."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap the complete directory ``tmp`` in as ``final`` (see the module docstring)."""
+    old = final.with_name(final.name + ".old")
+    if final.is_dir():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: HittER,
+    train_config: TrainConfig,
+    trainer_state: dict[str, Any] | None = None,
+    json_files: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``model`` (save_pretrained: config.json + weights), the resolved run
+    config, ``trainer_state`` (torch.save, if given) and ``json_files`` (name -> object)."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        save_config(tmp / RUN_CONFIG, model.config, train_config)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        for name, obj in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def trainer_state_dict(
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    layout: dict[str, int],
+) -> dict[str, Any]:
+    """What ``trainer_state.pt`` holds; ``layout``: world_size, batch_size, steps_per_epoch."""
+    return {
+        "state": dataclasses.asdict(state),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "layout": dict(layout),
+    }
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    model: HittER,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    layout: dict[str, int],
+) -> TrainState:
+    """Restore weights, optimizer and scheduler state in place; returns the :class:`TrainState`.
+
+    A mid-epoch resume replays the same data order only with the same data layout, so a
+    checkpoint written with another world size, batch size or epoch length is refused.
+    """
+    directory = Path(directory)
+    saved = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    if saved["layout"] != layout:
+        raise ValueError(
+            f"{directory} was written with {saved['layout']}, this run has {layout}; resume "
+            f"with the same number of processes and train.batch_size, or start a new run"
+        )
+    weights = load_file(directory / WEIGHTS, device=str(next(model.parameters()).device))
+    model.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return TrainState(**saved["state"])
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` and, when tensorboard is installed, writes their
+    numeric values as scalars. Only the process that logs (rank 0) creates one."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step``: a resumed run repeats them."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def log(self, record: dict[str, Any], prefix: str = "") -> None:
+        """Append ``record`` (must hold ``step``); scalars go to tensorboard as prefix/key."""
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}{key}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,438 @@
+"""Link-prediction training of HittER (paper section 3.3; REFERENCE.md "Link prediction").
+
+Each step takes B training triples and asks 2B queries: B tail queries (h, r) -> t and B head
+queries through the reciprocal relation (t, r + R) -> h. Every query's neighbourhood is
+sampled afresh with its ground-truth token removed and the neighbour-drop rate applied
+(``NeighbourIndex.gather``). The loss is 1vsAll cross-entropy (label smoothing and the MEP
+auxiliary term weighted sd / (1 + sd) come from the model), tail and head losses summed.
+Adamax with decoupled weight decay, linear warm-up then linear decay, per-tensor gradient
+clipping (``hitter_core.optim``). Every ``validate_every`` epochs the filtered valid MRR
+(filter train + valid + test, as the reference) decides the best checkpoint and early
+stopping; at the end the best model is tested (``hitter_core.evaluate``).
+
+The loop runs on a DeepSpeed engine configured by ``ds_config.json`` (ZeRO stage 0, i.e.
+data parallel; bf16 autocast on CUDA), so one process, several GPUs, several nodes and CPU
+processes (gloo) run this same code; without a launcher the process forms a world of one.
+``train.batch_size`` is per process (DeepSpeed's micro batch): W processes take W times as
+many triples per step.
+
+* Data order: epoch e visits a permutation seeded by (seed, e); process k of W takes the k-th
+  of W equal slices. Before step s every process seeds torch with (seed, s, k), so sampling,
+  MEP and dropout depend only on the step: a resumed run repeats the uninterrupted one.
+* Checkpoints (``hitter_core.checkpoint``): ``last`` every ``save_every`` steps and after
+  every validation, ``best`` on valid MRR. ``--resume`` continues from ``last`` at its exact
+  step, mid-epoch included (same world size and batch size required).
+* Validation and test run on process 0 (other processes wait); metrics go to
+  ``metrics.jsonl`` (and TensorBoard when installed), a progress bar shows loss and triples/s.
+
+Command line (single process; ``recipes/pretrain_kg.sh`` wraps it in the DeepSpeed launcher)::
+
+    python -m hitter_core.train --preset cpu-small [--data-dir DIR] [--output-dir DIR]
+        [--ds-config ds_config.json] [--resume] [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+from tqdm.auto import tqdm
+
+from hitter_core.checkpoint import (
+    MetricsLogger,
+    TrainState,
+    existing_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainer_state_dict,
+)
+from hitter_core.config import TrainConfig, load_config, save_config
+from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
+from hitter_core.evaluate import evaluate, format_table, split_queries
+from hitter_core.model import HittER, HittERConfig, make_scorer
+from hitter_core.neighbours import NeighbourIndex, Neighbours, ground_truth_token
+from hitter_core.optim import build_engine, clip_grad_per_tensor_, init_distributed
+from hitter_core.ranking import FilterIndex
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- batches and loss
+
+
+@dataclass
+class Batch:
+    """The 2B queries of B triples: tail queries first, then head queries (as in evaluate)."""
+
+    sources: torch.Tensor  # (2B,)
+    relations: torch.Tensor  # (2B,) relation tokens in [0, 2R)
+    targets: torch.Tensor  # (2B,)
+    neighbours: Neighbours | None  # (2B, N); None for the context-free model
+
+
+def make_batch(
+    triples: torch.Tensor,
+    neighbour_index: NeighbourIndex,
+    config: HittERConfig,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """(B, 3) training triples -> their 2B queries with training neighbourhoods, on the
+    neighbour index's device (ground-truth token removed, ``config.neighbour_drop`` applied)."""
+    sources, relations, targets = split_queries(triples, config.num_relations)  # (2B,) each
+    neighbours = None
+    if config.use_context:
+        gt_entity, gt_relation = ground_truth_token(targets, relations, config.num_relations)
+        neighbours = neighbour_index.gather(
+            sources, config.max_neighbours, train=True,
+            exclude_entity=gt_entity, exclude_relation=gt_relation,
+            drop=config.neighbour_drop, generator=generator,
+        )
+    device = neighbour_index.device
+    return Batch(sources.to(device), relations.to(device), targets.to(device), neighbours)
+
+
+def compute_loss(
+    model: torch.nn.Module, batch: Batch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training loss of a batch: tail-query loss + head-query loss (the reference's sum).
+
+    ``model`` is a HittER or the DeepSpeed engine wrapping one. HittER returns the mean over
+    all 2B queries, so with equal halves twice that mean is exactly the sum of the two
+    directions' means; the MEP term likewise becomes twice its mean over the selected
+    queries of both directions (the sum of per-direction means in expectation). Returns the
+    loss and detached ``loss``, ``lp_loss`` (and ``mep_loss``) for logging.
+    """
+    nb = batch.neighbours
+    kwargs = {}
+    if nb is not None:
+        kwargs = dict(nbr_entities=nb.entities, nbr_relations=nb.relations, nbr_mask=nb.mask)
+    out = model(batch.sources, batch.relations, targets=batch.targets, **kwargs)
+    loss = 2 * out.loss
+    stats = {"loss": loss.detach(), "lp_loss": 2 * out.lp_loss.detach()}
+    if out.mep_loss is not None:
+        stats["mep_loss"] = 2 * out.mep_loss.detach()
+    return loss, stats
+
+
+def epoch_shard(
+    num_triples: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """Indices of the train triples this process visits in ``epoch``, in order: slice ``rank``
+    of ``world_size`` equal slices of a permutation seeded by (seed, epoch); the last
+    ``num_triples % world_size`` of the permutation are skipped that epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_triples, generator=generator)
+    per_rank = num_triples // world_size
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of process ``rank`` before step ``step`` (distinct for rank < 4099)."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Sets up data, model, DeepSpeed engine and output directory; :meth:`fit` trains,
+    :meth:`test` evaluates the best checkpoint on the test split."""
+
+    def __init__(
+        self,
+        model_config: HittERConfig,
+        train_config: TrainConfig,
+        kg: KnowledgeGraph | None = None,
+        ds_config: str | Path | None = None,
+        resume: bool = False,
+    ) -> None:
+        cfg = self.train_config = train_config
+        self.rank, self.world_size = init_distributed(cfg.device)
+        if kg is None:
+            data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+            kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
+        if (model_config.num_entities, model_config.num_relations) != (
+            kg.num_entities, kg.num_relations
+        ):
+            logger.info("model.num_entities/num_relations set from %s", kg)
+            model_config.num_entities, model_config.num_relations = (
+                kg.num_entities, kg.num_relations
+            )
+        self.kg, self.model_config = kg, model_config
+        self.output_dir = Path(cfg.output_dir)
+        self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
+        last = existing_checkpoint(self.last_dir)
+        if last is not None and not resume:
+            raise FileExistsError(
+                f"{self.output_dir} holds a checkpoint; pass --resume to continue it, or "
+                f"choose another output directory"
+            )
+
+        per_rank = len(kg.train) // self.world_size
+        if per_rank < 1:
+            raise ValueError(f"{len(kg.train)} train triples for {self.world_size} processes")
+        self.steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+        self.total_steps = cfg.max_epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size,
+                       "steps_per_epoch": self.steps_per_epoch}
+
+        torch.manual_seed(cfg.seed)
+        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(
+            HittER(model_config), cfg, self.total_steps, ds_config
+        )
+        self.model: HittER = self.engine.module
+        self.device = self.engine.device
+
+        index = NeighbourIndex.build(kg, seed=model_config.neighbour_order_seed)
+        self.neighbour_index = index.to(self.device)
+        self.filter_index = FilterIndex.build(kg)  # train + valid + test, as the reference
+        self.train_triples = kg.train.to(self.device)
+
+        self.state = TrainState()
+        if last is not None:
+            self.state = load_checkpoint(
+                last, self.model, self.optimizer, self.scheduler, self.layout
+            )
+            self.engine.global_steps = self.state.step
+            logger.info("resumed from %s at step %d", last, self.state.step)
+        self.metrics = None
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.output_dir / "run_config.yaml", model_config, cfg)
+            (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            self.metrics = MetricsLogger(self.output_dir)
+            self.metrics.truncate_after(self.state.step)
+            logger.info(
+                "%s; %d processes x %d triples per step, %d steps per epoch, %d steps; "
+                "%s parameters on %s",
+                kg, self.world_size, cfg.batch_size, self.steps_per_epoch, self.total_steps,
+                f"{sum(p.numel() for p in self.model.parameters()):,}", self.device,
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, on_step: Callable[[int], None] | None = None) -> TrainState:
+        """Train until max_epochs / max_steps or early stopping. ``last`` is saved every
+        ``save_every`` steps and after every validation (so the best-MRR and patience
+        bookkeeping is never lost), and at the end. ``on_step(step)`` is called after every
+        step (after its validation and checkpoint, if any), e.g. to stop a test run."""
+        cfg, st, spe = self.train_config, self.state, self.steps_per_epoch
+        bar = tqdm(
+            total=self.total_steps, initial=st.step, desc="train", unit="step",
+            disable=self.rank != 0, dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+        self.engine.train()
+        window = _Window()
+        for epoch in range(st.step // spe, cfg.max_epochs):
+            if st.step >= self.total_steps or st.stopped_early:
+                break
+            shard = epoch_shard(len(self.kg.train), epoch, cfg.seed, self.rank, self.world_size)
+            for i in range(st.step - epoch * spe, spe):
+                if st.step >= self.total_steps:
+                    break
+                indices = shard[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                stats = self._step(indices)
+                window.add(stats, len(indices) * self.world_size)
+                bar.update(1)
+                bar.set_postfix(
+                    epoch=epoch + 1, loss=f"{float(stats['loss']):.4f}",
+                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    triples_s=f"{window.rate():.0f}", refresh=False,
+                )
+                if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                    self._log({"epoch": st.step / spe, **window.pop(),
+                               "lr": self.scheduler.get_last_lr()[0]})
+                validated = st.step % spe == 0 and (st.step // spe) % cfg.validate_every == 0
+                if validated:
+                    self.validate()
+                    window = _Window()
+                if validated or (cfg.save_every and st.step % cfg.save_every == 0):
+                    self.save_last()
+                if on_step is not None:
+                    on_step(st.step)
+                if st.stopped_early:
+                    break
+        bar.close()
+        if st.validated_step != st.step:  # stopped by max_steps or between validations
+            self.validate()
+            self.save_last()
+        return st
+
+    def _step(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        torch.manual_seed(step_seed(self.train_config.seed, self.state.step, self.rank))
+        batch = make_batch(self.train_triples[indices.to(self.device)], self.neighbour_index,
+                           self.model_config)
+        loss, stats = compute_loss(self.engine, batch)
+        self.engine.backward(loss)
+        if self.train_config.clip_per_tensor:
+            clip_grad_per_tensor_(self.model.parameters(), self.train_config.max_grad_norm)
+        self.engine.step()
+        self.state.step += 1
+        return stats
+
+    # ------------------------------------------------------------------ validation, checkpoints
+
+    def validate(self) -> None:
+        """Valid MRR on process 0; keeps ``best``, counts validations without improvement
+        and sets ``stopped_early`` on every process after ``patience`` of them."""
+        st, cfg = self.state, self.train_config
+        st.validated_step = st.step
+        stop = torch.zeros(1, device=self.device)
+        if self.rank == 0:
+            metrics = self._evaluate(self.model, "valid")
+            mrr = metrics["both"]["mrr"]
+            improved = mrr > st.best_mrr
+            if improved:
+                st.best_mrr, st.best_step, st.bad_validations = mrr, st.step, 0
+                save_checkpoint(self.best_dir, self.model, cfg,
+                                json_files={"valid_metrics.json": {"step": st.step, **metrics}})
+            else:
+                st.bad_validations += 1
+            self._log({"epoch": st.step / self.steps_per_epoch,
+                       **{f"valid_{k}": v for k, v in metrics["both"].items()},
+                       "best_valid_mrr": st.best_mrr}, prefix="valid/")
+            logger.info("step %d: valid MRR %.4f (best %.4f at step %d)%s", st.step, mrr,
+                        st.best_mrr, st.best_step, "" if improved else
+                        f", {st.bad_validations}/{cfg.patience} without improvement")
+            stop[0] = float(st.bad_validations >= cfg.patience)
+        dist.broadcast(stop, src=0)
+        st.stopped_early = bool(stop.item())
+        if st.stopped_early and self.rank == 0:
+            logger.info("early stopping at step %d", st.step)
+
+    def save_last(self) -> None:
+        if self.rank == 0:
+            state = trainer_state_dict(self.state, self.optimizer, self.scheduler, self.layout)
+            save_checkpoint(self.last_dir, self.model, self.train_config, trainer_state=state)
+        dist.barrier()
+
+    def _evaluate(self, model: HittER, split: str) -> dict[str, Any]:
+        return evaluate(
+            make_scorer(model, self.neighbour_index), self.kg, split,
+            filter_index=self.filter_index, batch_size=self.train_config.eval_batch_size,
+            device=self.device,
+        )
+
+    def _log(self, record: dict[str, Any], prefix: str = "train/") -> None:
+        if self.metrics is not None:
+            self.metrics.log({"step": self.state.step, **record}, prefix=prefix)
+
+    def test(self) -> dict[str, Any] | None:
+        """Test metrics of ``best`` on process 0 (None elsewhere): printed as a table and
+        written to ``test_metrics.json`` / ``test_metrics.txt``."""
+        metrics = None
+        if self.rank == 0:
+            best = existing_checkpoint(self.best_dir)
+            model = HittER.from_pretrained(best).to(self.device)
+            metrics = {"checkpoint": str(best), "dataset": self.kg.name,
+                       "best_step": self.state.best_step, **self._evaluate(model, "test")}
+            table = (f"{self.kg.name} test, filtered with train+valid+test; best valid MRR "
+                     f"{self.state.best_mrr:.4f} at step {self.state.best_step}\n"
+                     f"{format_table(metrics)}")
+            (self.output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.output_dir / "test_metrics.txt").write_text(table + "\n")
+            self._log({f"test_{k}": v for k, v in metrics["both"].items()}, prefix="test/")
+            self.metrics.close()
+            print(table, flush=True)
+        dist.barrier()
+        return metrics
+
+
+class _Window:
+    """Running means of the logged losses and the throughput since the last log."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.triples = time.perf_counter(), 0, 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor], triples: int) -> None:
+        self.steps, self.triples = self.steps + 1, self.triples + triples
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+
+    def rate(self) -> float:
+        return self.triples / max(time.perf_counter() - self.start, 1e-9)
+
+    def pop(self) -> dict[str, float]:
+        out = {k: float(v) / self.steps for k, v in self.sums.items()}
+        out["triples_per_s"] = self.rate()
+        self.__init__()
+        return out
+
+
+def train(
+    model_config: HittERConfig,
+    train_config: TrainConfig,
+    kg: KnowledgeGraph | None = None,
+    ds_config: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> Trainer:
+    """Train (``Trainer.fit``) and test the best checkpoint; returns the trainer, whose
+    ``state`` and ``output_dir`` hold the outcome. ``kg`` defaults to the configured dataset."""
+    trainer = Trainer(model_config, train_config, kg=kg, ds_config=ds_config, resume=resume)
+    trainer.fit(on_step=on_step)
+    trainer.test()
+    return trainer
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[HittERConfig, TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m hitter_core.train",
+        description="Train HittER for link prediction (1vsAll, DeepSpeed data parallel).",
+    )
+    parser.add_argument("--preset", default="fb15k-237",
+                        help="preset in recipes/configs (fb15k-237, wn18rr, cpu-small) or YAML")
+    parser.add_argument("--data-dir", help="data root holding <dataset>/ (default $KGQA_DATA_DIR)")
+    parser.add_argument("--output-dir", help="run directory (default: the preset's)")
+    parser.add_argument("--ds-config", help="DeepSpeed JSON config (default: ds_config.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT_DIR/last if it exists (else start afresh)")
+    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    model_config, train_config = load_config(args.preset, args.overrides)
+    if args.data_dir:
+        train_config.data_dir = str(args.data_dir)
+    if args.output_dir:
+        train_config.output_dir = str(args.output_dir)
+    return model_config, train_config, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    model_config, train_config, args = parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()  # per-checkpoint save/load bars
+    train(model_config, train_config, ds_config=args.ds_config, resume=args.resume)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

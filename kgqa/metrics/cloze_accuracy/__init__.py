@@ -1,0 +1,1 @@
+"""Cloze accuracy: see ``cloze_accuracy.py`` (loaded with ``evaluate.load(<this directory>)``)."""

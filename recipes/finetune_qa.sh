@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# QA fine-tuning of the KG-enhanced masked LM (paper section 4, Table 6): one run of
+# kgqa.train per seed through the DeepSpeed launcher, then the accuracy table of every run
+# under the output directory (python -m kgqa.evaluate report).
+#
+#   bash recipes/finetune_qa.sh --dataset webqsp --split filtered \
+#       --kg-checkpoint runs/hitter-fb15k-237/best --seeds 5
+#   bash recipes/finetune_qa.sh --dataset webqsp --split filtered --lm minilm \
+#       --kg-checkpoint none --seeds 3 -- --epochs 5        # CPU, no-KG baseline
+#
+# Options (defaults in brackets):
+#   --dataset webqsp|freebaseqa   [webqsp]
+#   --split full|filtered         [filtered]
+#   --kg-checkpoint DIR|none      HittER checkpoint (save_pretrained dir) or none [none]
+#   --freeze-kg                   keep HittER frozen (default: co-trained at lr_pretrained)
+#   --seeds N                     runs with seeds SEED, SEED+1, ..., SEED+N-1 [1]
+#   --seed SEED                   first seed [333]
+#   --lm NAME|DIR                 bert-base-uncased, or minilm (offline, CPU) [bert-base-uncased]
+#   --nproc N                     processes (GPUs) per run [1]
+#   --out DIR                     runs go to DIR/seed<seed> [runs/qa/<dataset>-<split>-<lm>-<kg>]
+#   -- ARGS...                    passed to every kgqa.train run (python -m kgqa.train --help),
+#                                 e.g. -- --epochs 5 --zero_stage 1
+# Environment: PYTHON [python] (the interpreter with the project installed), KGQA_DATA_DIR
+# (data root), TORCH_EXTENSIONS_DIR (where DeepSpeed builds its CPU communication op once).
+set -euo pipefail
+
+dataset=webqsp split=filtered kg=none freeze=0 seeds=1 seed=333 lm=bert-base-uncased nproc=1
+out="" extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dataset) dataset="$2"; shift 2 ;;
+    --split) split="$2"; shift 2 ;;
+    --kg-checkpoint) kg="$2"; shift 2 ;;
+    --freeze-kg) freeze=1; shift ;;
+    --seeds) seeds="$2"; shift 2 ;;
+    --seed) seed="$2"; shift 2 ;;
+    --lm) lm="$2"; shift 2 ;;
+    --nproc) nproc="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "finetune_qa.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$dataset" in webqsp|freebaseqa) ;; *) echo "unknown --dataset $dataset" >&2; exit 2 ;; esac
+case "$split" in full|filtered) ;; *) echo "unknown --split $split" >&2; exit 2 ;; esac
+
+PYTHON="${PYTHON:-python}"
+kg_args=() kg_tag=nokg
+if [[ "$kg" != none ]]; then
+  [[ -f "$kg/config.json" ]] || { echo "no HittER checkpoint at $kg" >&2; exit 2; }
+  kg_args=(--kg_checkpoint "$kg") kg_tag=hitter
+  if [[ $freeze == 1 ]]; then kg_args+=(--freeze_kg); kg_tag=hitter-frozen; fi
+fi
+out="${out:-runs/qa/$dataset-$split-$(basename "$lm")-$kg_tag}"
+mkdir -p "$out"
+
+for ((i = 0; i < seeds; i++)); do
+  s=$((seed + i))
+  # A free port per run: other jobs on the machine may hold the launcher's default (29500).
+  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "== $dataset $split, lm $lm, kg $kg_tag, seed $s -> $out/seed$s"
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
+    --module kgqa.train \
+    --dataset "$dataset" --split "$split" --lm "$lm" "${kg_args[@]}" --seed "$s" \
+    --output_dir "$out/seed$s" "${extra[@]}"
+done
+
+"$PYTHON" -m kgqa.evaluate report "$out" --out "$out"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Pre-train HittER for link prediction (paper section 3.3) through the DeepSpeed launcher,
+# then print the test metrics of the best checkpoint.
+#
+#   bash recipes/pretrain_kg.sh --preset fb15k-237|wn18rr|cpu-small [--nproc N] [--resume]
+#        [--data-dir DIR] [--output-dir DIR] [section.key=value ...]
+#
+# --nproc: processes on this node (default: the number of visible GPUs, else 1 CPU process).
+# Every other argument goes to `python -m hitter_core.train` (see its --help); the output
+# directory is the preset's train.output_dir unless overridden; relative paths are relative
+# to the current directory. Environment:
+#   PYTHON                  the interpreter with the project installed (default: python)
+#   LAUNCHER=torchrun       torchrun --standalone instead of the deepspeed launcher (same code)
+#   DEEPSPEED_ARGS="..."    extra deepspeed-launcher arguments, e.g. "--hostfile hosts"
+#   TORCHRUN_ARGS="..."     extra torchrun arguments
+#   KGQA_DATA_DIR           data root (default data/prepared); HF_HUB_OFFLINE is passed through
+#   TORCH_EXTENSIONS_DIR    where DeepSpeed builds its CPU communication op once (~1-2 min)
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+preset=""
+nproc=""
+args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --preset) preset="$2"; shift 2 ;;
+    --preset=*) preset="${1#*=}"; shift ;;
+    --nproc) nproc="$2"; shift 2 ;;
+    --nproc=*) nproc="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [[ -z "$preset" ]]; then
+  echo "usage: bash recipes/pretrain_kg.sh --preset NAME [--nproc N] [overrides...]" >&2
+  exit 2
+fi
+if [[ -z "$nproc" ]]; then
+  nproc=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+
+train_args=(--preset "$preset" "${args[@]}")
+# The trainer's own parser resolves the output directory (preset < overrides < --output-dir).
+output_dir=$("$PYTHON" -c \
+  "import sys; from hitter_core.train import parse_args; print(parse_args(sys.argv[1:])[1].output_dir)" \
+  "${train_args[@]}")
+mkdir -p "$output_dir"
+echo "pretrain_kg: preset $preset, $nproc process(es), output $output_dir"
+
+if [[ "${LAUNCHER:-deepspeed}" == torchrun ]]; then
+  # shellcheck disable=SC2086
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" ${TORCHRUN_ARGS:-} \
+    -m hitter_core.train "${train_args[@]}"
+else
+  # --no_local_rank: the trainer reads LOCAL_RANK from the environment.
+  # shellcheck disable=SC2086
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --no_local_rank ${DEEPSPEED_ARGS:-} \
+    --module hitter_core.train "${train_args[@]}"
+fi
+
+echo
+cat "$output_dir/test_metrics.txt"
