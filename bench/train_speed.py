@@ -2,7 +2,7 @@
 in section 3.3) for a preset and batch size, on CPU or GPU.
 
 One timed step is a full training step built from the trainer's own pieces
-(``hitter_core.train.make_batch``/``compute_loss``, ``hitter_core.optim``), without the
+(``hitter_core.batches.make_batch``/``compute_loss``, ``hitter_core.optim``), without the
 DeepSpeed engine: B random train triples, their 2B queries (tail queries and reciprocal head
 queries) with train-mode neighbourhoods (fresh random subset, ground-truth token removed,
 neighbour drop), one forward over both directions, backward, per-tensor gradient clipping and
@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from hitter_core.batches import compute_loss, make_batch
 from hitter_core.config import TrainConfig, load_config
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.evaluate import rank_queries, split_queries
@@ -39,7 +40,6 @@ from hitter_core.model import HittER, make_scorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_
 from hitter_core.ranking import FilterIndex
-from hitter_core.train import compute_loss, make_batch
 
 
 def make_train_step(

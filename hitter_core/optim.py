@@ -11,35 +11,26 @@ section 3.3; REFERENCE.md "Optimiser quirks").
   to 0 (``transformers.get_linear_schedule_with_warmup``).
 * :func:`clip_grad_per_tensor_`: clip each parameter's gradient to norm ``max_norm`` on its
   own (the reference), rather than DeepSpeed's clipping of the global norm.
-* :func:`resolve_ds_config`: ``ds_config.json`` with its ``"auto"`` values filled in from
-  :class:`~hitter_core.config.TrainConfig`, the single place of every hyper-parameter;
-  :func:`init_distributed` and :func:`build_engine` set up the process group and the engine.
+* :func:`build_engine`: the DeepSpeed engine over these, ``ds_config.json`` filled in from
+  :class:`~hitter_core.config.TrainConfig` (:mod:`hitter_core.distributed`).
 
-deepspeed is imported inside the functions, not at module level: it picks its accelerator
+deepspeed is imported inside the function, not at module level: it picks its accelerator
 at import, and ``train.device="cpu"`` must reach it first (``DS_ACCELERATOR``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_linear_schedule_with_warmup
 
 from hitter_core.config import TrainConfig
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_config.json"
+from hitter_core.distributed import resolve_ds_config
 
 
 class AdamaxW(torch.optim.Adamax):
@@ -103,79 +94,6 @@ def clip_grad_per_tensor_(params: Iterable[torch.Tensor], max_norm: float) -> to
     return norms
 
 
-def resolve_ds_config(
-    path: str | Path | None,
-    config: TrainConfig,
-    micro_batch_size: int,
-    bf16_available: bool,
-) -> dict[str, Any]:
-    """Read the DeepSpeed config and fill it from ``config`` (the hyper-parameters' one place).
-
-    * ``train_micro_batch_size_per_gpu``: ``micro_batch_size`` (triples per process and step).
-    * ``gradient_clipping``: DeepSpeed clips the *global* norm; with ``clip_per_tensor`` the
-      trainer clips per tensor itself and DeepSpeed's clipping is set to 0, otherwise it is
-      ``max_grad_norm``. A differing value in the file is overridden with a warning.
-    * ``bf16``: ``"auto"`` means bf16 where ``bf16_available`` (the trainer: CUDA with bf16).
-      It runs as DeepSpeed's ``torch_autocast`` (bf16 compute; fp32 weights, gradients and
-      optimizer state) rather than DeepSpeed's bf16 mode, which keeps bf16 weights: those
-      would make the 1vsAll evaluation scores bf16 (many ties among 14k entities) and hide
-      the fp32 gradients from per-tensor clipping.
-    """
-    path = Path(path) if path is not None else DEFAULT_DS_CONFIG
-    ds = json.loads(path.read_text(encoding="utf-8"))
-    if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", micro_batch_size):
-        raise ValueError(
-            f"{path}: train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
-            f"contradicts train.batch_size; set it to \"auto\""
-        )
-    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
-    ds.pop("train_batch_size", None)  # DeepSpeed derives it from micro batch x world size
-    if ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
-        raise ValueError(f"{path}: gradient accumulation is not supported by this trainer")
-    ds["gradient_accumulation_steps"] = 1
-
-    clipping = 0.0 if config.clip_per_tensor else config.max_grad_norm
-    if ds.get("gradient_clipping", "auto") not in ("auto", config.max_grad_norm, clipping):
-        logger.warning(
-            "%s: gradient_clipping=%s overridden by train.max_grad_norm=%s",
-            path, ds["gradient_clipping"], config.max_grad_norm,
-        )
-    ds["gradient_clipping"] = clipping
-
-    bf16 = ds.get("bf16", {}).get("enabled", "auto")
-    if bf16 == "auto":
-        bf16 = bf16_available
-    ds["bf16"] = {"enabled": False}
-    if bf16:
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if ds.get("fp16", {}).get("enabled", False) is True:
-        raise ValueError(f"{path}: fp16 is not supported (use bf16)")
-    if ds.get("zero_optimization", {}).get("stage", 0) != 0:
-        raise ValueError(f"{path}: only ZeRO stage 0 is supported (the model has ~16M params)")
-    return ds
-
-
-def init_distributed(device: str = "auto") -> tuple[int, int]:
-    """Join the process group a launcher set up through RANK/WORLD_SIZE/MASTER_*, or form a
-    world of one; nccl on CUDA, gloo on CPU. Returns (rank, world size)."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:  # a free port for a world of one
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized():
-        cuda = get_accelerator().device_name() == "cuda"
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def build_engine(
     model: torch.nn.Module,
     config: TrainConfig,
@@ -189,7 +107,9 @@ def build_engine(
 
     cuda = deepspeed.accelerator.get_accelerator().device_name() == "cuda"
     resolved = resolve_ds_config(
-        ds_config, config, config.batch_size, cuda and torch.cuda.is_bf16_supported()
+        ds_config, micro_batch_size=config.batch_size, max_grad_norm=config.max_grad_norm,
+        engine_clips=not config.clip_per_tensor,
+        bf16_available=cuda and torch.cuda.is_bf16_supported(),
     )
     optimizer = build_optimizer(model, config)
     scheduler = linear_schedule(optimizer, total_steps, config.warmup_ratio)

@@ -18,9 +18,9 @@ One run = one dataset, one split, one seed::
   process; 20 epochs. LM weights that the LM checkpoint lacks (newly initialised: the MLM head
   of the offline MiniLM, never bert-base-uncased's) are new modules too and train at
   ``lr_adapters``.
-* DeepSpeed: ``ds_config.json`` filled by :func:`resolve_ds_config` (micro batch, clipping,
-  ZeRO stage 0-2 from the config, bf16 autocast on CUDA only). Without the launcher a single
-  process is set up (gloo on CPU).
+* DeepSpeed: ``ds_config.json`` filled by :func:`hitter_core.distributed.resolve_ds_config`
+  (micro batch, clipping, ZeRO stage 0-2 from the config, bf16 autocast on CUDA only).
+  Without the launcher a single process is set up (gloo on CPU).
 * Selection: dev accuracy (the dev split carved from train) every ``eval_every`` epochs; the
   best checkpoint is saved atomically to ``<output_dir>/best``; the test split is evaluated
   once, with that checkpoint. Outputs: ``config.json``, ``best/``, ``predictions.test.jsonl``,
@@ -57,10 +57,10 @@ from transformers import (
 )
 
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
+from hitter_core.distributed import init_distributed as init_process_group
+from hitter_core.distributed import resolve_ds_config
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
-from hitter_core.optim import DEFAULT_DS_CONFIG
-from hitter_core.train import init_distributed as init_process_group
 from kgqa.config import KGQAModelConfig, QATrainConfig
 from kgqa.data import build_cloze_dataset, collate_cloze, load_qa_splits
 from kgqa.evaluate import (
@@ -107,47 +107,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     return rank, world, device
-
-
-def resolve_ds_config(
-    path: str | Path | None, train: QATrainConfig, cuda: bool
-) -> dict[str, Any]:
-    """``ds_config.json`` with its ``"auto"`` values filled from ``train`` (the one place of
-    every hyper-parameter): micro batch = ``batch_size`` per process, clipping =
-    ``max_grad_norm`` (a different value in the file is overridden, with a warning), ZeRO
-    stage = ``zero_stage``; ``bf16: auto`` = bf16 autocast on CUDA (fp32 weights and optimizer
-    state, as the link-prediction stage does), off on CPU."""
-    path = Path(path) if path is not None else DEFAULT_DS_CONFIG
-    ds = json.loads(path.read_text(encoding="utf-8"))
-    if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", train.batch_size):
-        raise ValueError(f"{path}: train_micro_batch_size_per_gpu="
-                         f"{ds['train_micro_batch_size_per_gpu']} contradicts batch_size="
-                         f"{train.batch_size}; set it to \"auto\"")
-    ds["train_micro_batch_size_per_gpu"] = train.batch_size
-    if ds.get("gradient_accumulation_steps", 1) not in ("auto", 1):
-        raise ValueError(f"{path}: gradient accumulation is not supported by this trainer")
-    ds["gradient_accumulation_steps"] = 1
-    if ds.get("gradient_clipping", "auto") not in ("auto", train.max_grad_norm):
-        logger.warning("%s: gradient_clipping=%s overridden by max_grad_norm=%s", path,
-                       ds["gradient_clipping"], train.max_grad_norm)
-    ds["gradient_clipping"] = train.max_grad_norm
-    ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro batch x world size
-    zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage", "auto") not in ("auto", 0, train.zero_stage):
-        raise ValueError(f"{path}: zero_optimization.stage={zero['stage']} contradicts "
-                         f"zero_stage={train.zero_stage}")
-    if train.zero_stage == 3:  # the dev evaluation and save_pretrained read full weights
-        raise NotImplementedError("ZeRO stage 3 is not supported; use 0, 1 or 2")
-    zero["stage"] = train.zero_stage
-    bf16 = ds.get("bf16", {}).get("enabled", "auto")
-    if bf16 == "auto":
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-    ds["bf16"] = {"enabled": False}
-    if bf16:
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    if ds.get("fp16", {}).get("enabled", False) is True:
-        raise ValueError(f"{path}: fp16 is not supported (use bf16)")
-    return ds
 
 
 def build_model(
@@ -205,14 +164,17 @@ def build_engine(
 ) -> deepspeed.DeepSpeedEngine:
     """DeepSpeed engine over AdamW (:func:`optimizer_groups`) and the linear warm-up / decay
     schedule; the engine clips gradients and steps the schedule."""
-    cuda = torch.cuda.is_available()
     optimizer = torch.optim.AdamW(optimizer_groups(model, train, fresh), lr=train.lr_adapters,
                                   fused=True)
     warmup = math.ceil(train.warmup_ratio * total_steps)
     schedule = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=resolve_ds_config(ds_config, train, cuda),
+        config=resolve_ds_config(
+            ds_config, micro_batch_size=train.batch_size, max_grad_norm=train.max_grad_norm,
+            zero_stage=train.zero_stage, supported_zero_stages=(0, 1, 2),  # 3: shards weights
+            bf16_available=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        ),
     )
     return engine
 

@@ -15,7 +15,7 @@ from hitter_core.model import HittER, HittERConfig
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.config import KGQAModelConfig, QATrainConfig
 from kgqa.model import KGEnhancedLM
-from kgqa.train import build_engine, build_model, init_distributed, main, resolve_ds_config
+from kgqa.train import build_engine, build_model, init_distributed, main
 
 E, R = 30, 4
 
@@ -46,20 +46,17 @@ def kg_model(neighbours, freeze_kg: bool) -> tuple[KGEnhancedLM, set[int]]:
 # ---------------------------------------------------------------------- DeepSpeed config
 
 
-def test_ds_config_filled_from_the_train_config(tmp_path, caplog):
+def test_ds_config_filled_from_the_train_config():
+    init_distributed()
+    model, fresh = build_model(KGQAModelConfig(lm="minilm"))
     train = QATrainConfig(batch_size=8, max_grad_norm=0.5, zero_stage=2)
-    ds = resolve_ds_config(None, train, cuda=False)
-    assert ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["gradient_clipping"] == 0.5  # the file's 1.0 gives way to the config
-    assert "overridden by max_grad_norm" in caplog.text
-    assert ds["zero_optimization"]["stage"] == 2
-    assert ds["bf16"] == {"enabled": False} and "torch_autocast" not in ds  # CPU: fp32
-    bad = tmp_path / "ds.json"
-    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
-    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
-        resolve_ds_config(bad, train, cuda=False)
-    with pytest.raises(NotImplementedError):
-        resolve_ds_config(None, QATrainConfig(zero_stage=3), cuda=False)
+    engine = build_engine(model, train, total_steps=10, fresh=fresh)
+    assert engine.train_micro_batch_size_per_gpu() == 8
+    assert engine.gradient_clipping() == 0.5
+    assert engine.zero_optimization_stage() == 2
+    assert not engine.bfloat16_enabled()  # CPU: fp32
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3"):
+        build_engine(model, QATrainConfig(zero_stage=3), total_steps=10, fresh=fresh)
 
 
 # ---------------------------------------------------------------------- engine

@@ -15,19 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hitter_core.batches import compute_loss, epoch_shard, make_batch
 from hitter_core.checkpoint import TRAINER_STATE, TrainState
-from hitter_core.config import TrainConfig, load_config
+from hitter_core.config import load_config
 from hitter_core.data import KnowledgeGraph
+from hitter_core.distributed import resolve_ds_config
 from hitter_core.model import HittER, HittERConfig
 from hitter_core.neighbours import NeighbourIndex, ground_truth_token
 from hitter_core.optim import (
     AdamaxW,
     clip_grad_per_tensor_,
     linear_schedule,
-    resolve_ds_config,
 )
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
-from hitter_core.train import Trainer, compute_loss, epoch_shard, make_batch, train
+from hitter_core.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -217,16 +218,26 @@ def test_clip_grad_per_tensor_clips_each_tensor_alone():
     torch.testing.assert_close(b.grad, torch.tensor([0.3, 0.0, 0.4]))  # global clip would shrink
 
 
-def test_resolve_ds_config_fills_auto_values():
-    config = TrainConfig(max_grad_norm=0.5)
-    ds = resolve_ds_config(REPO / "ds_config.json", config, 64, bf16_available=False)
+def test_resolve_ds_config_fills_auto_values(tmp_path, caplog):
+    ds = resolve_ds_config(REPO / "ds_config.json", micro_batch_size=64, max_grad_norm=0.5,
+                           engine_clips=False, bf16_available=False)
     assert ds["train_micro_batch_size_per_gpu"] == 64
     assert ds["gradient_clipping"] == 0.0  # clip_per_tensor: the trainer clips
+    assert ds["zero_optimization"]["stage"] == 0
     assert ds["bf16"] == {"enabled": False} and "torch_autocast" not in ds
-    config = TrainConfig(max_grad_norm=0.5, clip_per_tensor=False)
-    ds = resolve_ds_config(REPO / "ds_config.json", config, 64, bf16_available=True)
+    ds = resolve_ds_config(None, micro_batch_size=64, max_grad_norm=0.5, bf16_available=True)
     assert ds["gradient_clipping"] == 0.5
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
+    with pytest.raises(NotImplementedError, match="ZeRO stage 2"):
+        resolve_ds_config(bad, micro_batch_size=8, max_grad_norm=0.5, zero_stage=2,
+                          bf16_available=False)
+    with pytest.raises(ValueError, match="zero_optimization.stage=2"):
+        resolve_ds_config(bad, micro_batch_size=8, max_grad_norm=0.5, bf16_available=False)
+    bad.write_text(json.dumps({"gradient_clipping": 1.0}))
+    ds = resolve_ds_config(bad, micro_batch_size=8, max_grad_norm=0.5, bf16_available=False)
+    assert ds["gradient_clipping"] == 0.5 and "overridden" in caplog.text
 
 
 # ---------------------------------------------------------------------------- engine and resume
@@ -366,14 +377,16 @@ def test_overfits_real_subgraph(fb15k237, tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_data_parallel(tmp_path):
-    """torchrun with 2 CPU processes trains a tiny run end to end through the CLI."""
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_two_cpu_processes_train_data_parallel(tmp_path, launcher):
+    """recipes/pretrain_kg.sh --nproc 2 trains a tiny run data-parallel on 2 CPU processes,
+    through the DeepSpeed launcher and through torchrun."""
     kg = synthetic_kg(tmp_path, num_triples=64)
     write_kg(kg, tmp_path / "data" / "tiny")
     out = tmp_path / "run"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hitter_core.train", "--preset", "cpu-small",
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "LAUNCHER": launcher}
+    cmd = ["bash", "recipes/pretrain_kg.sh", "--preset", "cpu-small", "--nproc", "2",
            "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), *TINY,
            "model.dataset=tiny", "model.num_entities=16", "model.num_relations=3",
            "train.batch_size=8", "train.max_epochs=2", "train.validate_every=1"]

@@ -1,0 +1,110 @@
+"""The DeepSpeed set-up shared by both stages: the process group and ``ds_config.json``.
+
+* :func:`init_distributed`: join the process group a launcher set up (``deepspeed``,
+  ``torchrun``) or form a world of one; nccl on CUDA, gloo on CPU.
+* :func:`resolve_ds_config`: ``ds_config.json`` with its ``"auto"`` values filled in from the
+  caller's train config, the single place of every hyper-parameter. A value in the file that
+  contradicts the train config is an error (batch size, ZeRO stage) or is overridden with a
+  warning (clipping); ``"auto"`` is always accepted.
+
+deepspeed is imported inside the functions, not at module level: it picks its accelerator at
+import, and ``device="cpu"`` must reach it first (``DS_ACCELERATOR``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_config.json"
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group a launcher set up through RANK/WORLD_SIZE/MASTER_*, or form a
+    world of one; nccl on CUDA, gloo on CPU. Returns (rank, world size)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port for a world of one
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        cuda = get_accelerator().device_name() == "cuda"
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_ds_config(
+    path: str | Path | None,
+    *,
+    micro_batch_size: int,
+    max_grad_norm: float,
+    engine_clips: bool = True,
+    zero_stage: int = 0,
+    supported_zero_stages: tuple[int, ...] = (0,),
+    bf16_available: bool,
+) -> dict[str, Any]:
+    """Read the DeepSpeed config at ``path`` (default: the repository's ``ds_config.json``)
+    and fill it in.
+
+    * ``train_micro_batch_size_per_gpu``: ``micro_batch_size`` (examples per process and
+      step); ``train_batch_size`` is dropped (DeepSpeed derives it); no gradient accumulation.
+    * ``gradient_clipping``: ``max_grad_norm`` of the *global* norm when ``engine_clips``,
+      else 0 (the caller clips, e.g. per tensor as the HittER reference does).
+    * ``zero_optimization.stage``: ``zero_stage``, which must be in ``supported_zero_stages``.
+    * ``bf16``: ``"auto"`` means bf16 where ``bf16_available``. It runs as DeepSpeed's
+      ``torch_autocast`` (bf16 compute; fp32 weights, gradients and optimizer state) rather
+      than DeepSpeed's bf16 mode, which keeps bf16 weights: those would make HittER's 1vsAll
+      scores bf16 (many ties among 14k entities) and hide fp32 gradients from clipping.
+    """
+    path = Path(path) if path is not None else DEFAULT_DS_CONFIG
+    ds = json.loads(path.read_text(encoding="utf-8"))
+    if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", micro_batch_size):
+        raise ValueError(
+            f"{path}: train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
+            f"contradicts the train config's batch size {micro_batch_size}; set it to \"auto\""
+        )
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds.pop("train_batch_size", None)
+    if ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+        raise ValueError(f"{path}: gradient accumulation is not supported by the trainers")
+    ds["gradient_accumulation_steps"] = 1
+
+    if ds.get("gradient_clipping", "auto") not in ("auto", max_grad_norm):
+        logger.warning("%s: gradient_clipping=%s overridden by the train config's "
+                       "max_grad_norm=%s", path, ds["gradient_clipping"], max_grad_norm)
+    ds["gradient_clipping"] = max_grad_norm if engine_clips else 0.0
+
+    if zero_stage not in supported_zero_stages:
+        raise NotImplementedError(
+            f"ZeRO stage {zero_stage} is not supported here; use one of {supported_zero_stages}"
+        )
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", "auto") not in ("auto", zero_stage):
+        raise ValueError(f"{path}: zero_optimization.stage={zero['stage']} contradicts the "
+                         f"train config's ZeRO stage {zero_stage}; set it to \"auto\"")
+    zero["stage"] = zero_stage
+
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    if bf16 == "auto":
+        bf16 = bf16_available
+    ds["bf16"] = {"enabled": False}
+    if bf16:
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if ds.get("fp16", {}).get("enabled", False) is True:
+        raise ValueError(f"{path}: fp16 is not supported (use bf16)")
+    return ds
