@@ -66,8 +66,10 @@ def rank_queries(
     filter_index = filter_index.to(device)
     ranks = torch.empty(len(sources), dtype=torch.float64)
     starts = range(0, len(sources), batch_size)
-    show = progress and sys.stderr.isatty()
-    for start in tqdm(starts, desc="ranking", unit="batch", disable=not show):
+    # Off a terminal (logs) the bar is redrawn at most every 30 s, as in training.
+    bar = tqdm(starts, desc="ranking", unit="batch", disable=not progress, leave=False,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    for start in bar:
         end = start + batch_size
         src, rel, tgt = (x[start:end].to(device) for x in (sources, relations, targets))
         scores = scorer(src, rel)  # (B, E)
