@@ -26,13 +26,32 @@ if TYPE_CHECKING:
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, as ``F.dropout``. On CPU the keep mask compares random 16-bit integers
     with ``p`` (:func:`random_int16`), about 3x faster than ``F.dropout``'s ``bernoulli_``
-    there; ``p`` is thereby rounded to a multiple of 2^-16 (float32 ``rand`` rounds to 2^-24)."""
+    there; ``p`` is thereby rounded to a multiple of 2^-16 (float32 ``rand`` rounds to 2^-24).
+    The mask stays bool, for the backward too (:class:`_MaskedScale`): a float mask cost about
+    10% of a FB15K-237 paper-config training step on 2 CPU threads."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p == 1.0:
         return F.dropout(x, p, training=True)
     keep = random_int16(x.numel()).view(x.shape) >= round(p * 65536) - 32768
-    return x * (keep * (1.0 / (1.0 - p)))
+    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * keep * scale`` for a bool ``keep``, saving the 1-byte mask for the backward rather
+    than a float one, without casting the mask (two passes over x each way)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def random_int16(n: int) -> torch.Tensor:
