@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,22 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a fresh temporary directory beside ``directory``, then swap
+    it in (:func:`replace_dir`); on any failure the temporary directory is removed and
+    ``directory`` is left as it was."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        write(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     model: HittER,
@@ -86,21 +103,16 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write ``model`` (save_pretrained: config.json + weights), the resolved run
     config, ``trainer_state`` (torch.save, if given) and ``json_files`` (name -> object)."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         save_config(tmp / RUN_CONFIG, model.config, train_config)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         for name, obj in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomically(directory, write)
 
 
 def trainer_state_dict(

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from transformers import (
     set_seed,
 )
 
+from hitter_core.checkpoint import write_dir_atomically
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed as init_process_group
 from hitter_core.distributed import resolve_ds_config
@@ -100,7 +100,7 @@ class RunOptions:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device): the process group of the launcher, or a world of one
-    (``hitter_core.train.init_distributed``: nccl on CUDA, gloo on CPU)."""
+    (``hitter_core.distributed.init_distributed``: nccl on CUDA, gloo on CPU)."""
     rank, world = init_process_group()
     if not torch.cuda.is_available():
         return rank, world, torch.device("cpu")
@@ -187,17 +187,6 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 # ----------------------------------------------------------------------------- the run
 
 
-def _save_atomically(model: KGEnhancedLM, directory: Path) -> None:
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(
-        directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _loader(
     ds: Dataset, batch_size: int, pad_id: int, sampler: DistributedSampler | None = None
 ) -> DataLoader:
@@ -264,7 +253,7 @@ def fit(
                 entry["dev_accuracy"] = dev["accuracy"]
                 if dev["accuracy"] > best:
                     best, best_epoch, since_best = dev["accuracy"], epoch, 0
-                    _save_atomically(engine.module, best_dir)
+                    write_dir_atomically(best_dir, engine.module.save_pretrained)
                 else:
                     since_best += 1
                 stop = opts.patience > 0 and since_best >= opts.patience
