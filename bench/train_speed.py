@@ -8,7 +8,10 @@ queries) with train-mode neighbourhoods (fresh random subset, ground-truth token
 neighbour drop), one forward over both directions, backward, per-tensor gradient clipping and
 an Adamax step (decoupled weight decay). Throughput counts **triples** (a triple's two queries
 once) over ``--steps`` steps after ``--warmup`` untimed ones; the mean, median and best step
-are printed. Evaluation time is the time to rank ``--eval-queries`` queries of the valid split
+are printed, after the rate of one reference matrix product (:func:`matmul_rate`). The
+model config is the preset's, so repeated pairs of a batch are encoded once
+(``model.dedup_pairs_in_training``; ``=false`` times the reference's per-copy encoding).
+Evaluation time is the time to rank ``--eval-queries`` queries of the valid split
 with the evaluation neighbourhoods and the filter (scoring, filtering, ranking), extrapolated
 to the whole test split (2 x 20,466 queries for FB15K-237); ``--eval-queries 0`` ranks the
 whole test split instead. Peak memory is the process's max RSS on CPU (data and indexes
@@ -75,6 +78,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_rate(device: torch.device, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 (11008, 320) x (320, 1280) product into a preallocated output, the
+    shape of the FFN products that dominate a paper-config step: the machine's compute rate at
+    the time of the run, against which to read the throughput (a shared VM's rate varies
+    between runs; the 2-core development VM gave 90-180)."""
+    a = torch.randn(11008, 320, device=device)
+    b, out = torch.randn(320, 1280, device=device), torch.empty(11008, 1280, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times[1:]) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="fb15k-237", help="preset name or YAML path")
@@ -112,6 +132,7 @@ def main() -> None:
           f"{torch.get_num_threads()}, batch {batch_size} triples")
     print(f"data + neighbour + filter index load: {load_s:.1f} s")
 
+    print(f"reference matmul (float32, 11008x320 @ 320x1280): {matmul_rate(device):,.0f} GFLOP/s")
     step = make_train_step(model, index, kg.train, train_cfg, batch_size)
     for _ in range(args.warmup):
         step()

@@ -273,6 +273,21 @@ def test_dedup_in_training_matches_per_copy_encoding(mep):
         torch.testing.assert_close(out.hidden_states[-1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dedup", [False, True])
+def test_repeated_pairs_share_dropout_only_with_dedup(dedup):
+    # Two identical queries in one batch; only the 0.6 input dropout of the entity Transformer
+    # is random. Encoded once, their pairs share its draws and the rows agree exactly;
+    # encoded per copy (the reference), each copy draws its own and the rows differ.
+    s, r, ne, nr, nm = batch(B=3)
+    s, r, ne, nr, nm = s[[0, 0, 1]], r[[0, 0, 1]], ne[[0, 0, 1]], nr[[0, 0, 1]], nm[[0, 0, 1]]
+    torch.manual_seed(0)
+    model = HittER(tiny_config(attention_dropout=0.0, hidden_dropout=0.0, output_dropout=0.6,
+                               mep_self_dropout=0.0, dedup_pairs_in_training=dedup)).train()
+    head = model(s, r, ne, nr, nm, output_hidden_states=True).hidden_states[-1][:, 0]  # (3, D)
+    assert torch.equal(head[0], head[1]) == dedup
+    assert not torch.allclose(head[0], head[2], atol=1e-3)
+
+
 def test_encode_ignores_mep_and_input_dropout():
     s, r, ne, nr, nm = batch()
     torch.manual_seed(0)
