@@ -82,7 +82,7 @@ def matmul_rate(device: torch.device, repeats: int = 5) -> float:
     """GFLOP/s of a float32 (11008, 320) x (320, 1280) product into a preallocated output, the
     shape of the FFN products that dominate a paper-config step: the machine's compute rate at
     the time of the run, against which to read the throughput (a shared VM's rate varies
-    between runs; the 2-core development VM gave 90-180)."""
+    between runs)."""
     a = torch.randn(11008, 320, device=device)
     b, out = torch.randn(320, 1280, device=device), torch.empty(11008, 1280, device=device)
     times = []
