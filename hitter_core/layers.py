@@ -6,6 +6,7 @@ while computing what the reference computes (``shared/design/REFERENCE.md`` "Enc
   runs on the real tokens only, and the batch is padded just for attention
   (:class:`Packing`). A last layer can compute only the first positions of every row (the
   [CLS] / [GCLS] outputs that the model reads), with keys and values from every token.
+* :func:`short_attention`: attention over the entity Transformer's 3 tokens on CPU.
 * :func:`dropout`: inverted dropout with a cheaper mask on CPU.
 """
 
@@ -33,8 +34,13 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p == 1.0:
         return F.dropout(x, p, training=True)
-    keep = random_int16(x.numel()).view(x.shape) >= round(p * 65536) - 32768
-    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
+    return _MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """Bool CPU mask of ``shape``, True (keep) with probability 1 - p (p rounded to 2^-16)."""
+    n = int(np.prod(shape))
+    return random_int16(n).view(shape) >= round(p * 65536) - 32768
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -88,7 +94,8 @@ class Packing(NamedTuple):
 
 class PostLNLayer(nn.Module):
     """A post-LN Transformer encoder layer (BERT / ``nn.TransformerEncoderLayer`` layout) with
-    fused scaled-dot-product attention, over packed tokens (see :class:`Packing`). ``ffn_dropout``
+    torch's fused scaled-dot-product attention (two CPU exceptions: :meth:`_attention`), over
+    packed tokens (see :class:`Packing`). ``ffn_dropout``
     adds torch's dropout after the FFN activation, which the reference's context layers (torch)
     have and its BERT layers do not."""
 
@@ -115,34 +122,103 @@ class PostLNLayer(nn.Module):
         B, L, D, H = packing.batch, packing.length, x.shape[1], self.heads
         w, b = self.qkv.weight, self.qkv.bias  # (3D, D), (3D,): [query; key; value]
         if first is None:
-            q, k, v = packing.pad(F.linear(x, w, b)).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
             residual = x
+            q = packing.pad(F.linear(x, w[:D], b[:D]))  # (B, L, D)
         else:
             rows = (packing.row_starts[:, None] + torch.arange(first, device=x.device)).flatten()
             residual = x[rows]  # (B * first, D)
-            q = F.linear(residual, w[:D], b[:D]).view(B, first, H, D // H).transpose(1, 2)
-            k, v = packing.pad(F.linear(x, w[D:], b[D:])).view(B, L, 2, H, D // H).permute(
-                2, 0, 3, 1, 4
-            )  # (B, H, L, D/H) each
-        a = self._attention(q, k, v, packing.key_mask)  # (B, H, Lq, D/H), Lq = L or first
-        a = a.transpose(1, 2).reshape(B, -1, D)  # (B, Lq, D)
+            q = F.linear(residual, w[:D], b[:D])  # (B * first, D)
+        q = q.view(B, -1, H, D // H)  # (B, Lq, H, D/H), Lq = L or first
+        kv = packing.pad(F.linear(x, w[D:], b[D:])).view(B, L, 2, H, D // H)  # keys, values
+        a = self._attention(q, kv, packing.key_mask).reshape(B, -1, D)  # (B, Lq, D)
         a = packing.unpad(a) if first is None else a.view(B * first, D)
         x = self.attn_norm(residual + dropout(self.attn_out(a), self.hidden_dropout, self.training))
         h = dropout(self.act(self.ffn_in(x)), self.ffn_dropout, self.training)
         return self.ffn_norm(x + dropout(self.ffn_out(h), self.hidden_dropout, self.training))
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+        self, q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Scaled dot-product attention, q (B, H, Lq, D/H), k and v (B, H, L, D/H), key_mask
-        (B, 1, 1, L) -> (B, H, Lq, D/H). Training on CPU with padding spells it out to use the
-        cheaper :func:`dropout` (SDPA then takes its unfused path with ``bernoulli_`` anyway)."""
+        """Scaled dot-product attention, q (B, Lq, H, D/H), kv (B, L, 2, H, D/H) keys and values,
+        key_mask (B, 1, 1, L) -> (B, Lq, H, D/H). Torch's ``scaled_dot_product_attention``,
+        except on CPU in two cases where it is slower there:
+
+        * a few keys and no padding (the entity Transformer's 3 tokens): :func:`short_attention`;
+        * training with padding: spelled out to use the cheaper :func:`dropout` (SDPA then
+          takes its unfused path with ``bernoulli_`` anyway)."""
         p = self.attention_dropout if self.training else 0.0
+        if q.device.type == "cpu" and key_mask is None and kv.shape[1] <= SHORT_ATTENTION_KEYS:
+            return short_attention(q, kv, p)
+        q, k, v = q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4)  # (B, H, L*, D/H) each
         if not p or key_mask is None or q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Lq, L)
-        weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
-        return dropout(weights, p, True) @ v
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
+        else:
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Lq, L)
+            weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+            a = dropout(weights, p, True) @ v
+        return a.transpose(1, 2)  # (B, Lq, H, D/H)
+
+
+SHORT_ATTENTION_KEYS = 4  # up to this many keys, CPU attention runs as short_attention
+
+
+def short_attention(q: torch.Tensor, kv: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with dropout ``p`` on the weights, for a few keys and no
+    padding: q (B, Lq, H, d), kv (B, L, 2, H, d) keys and values -> (B, Lq, H, d).
+
+    With L = 3 (the entity Transformer), torch's SDPA on CPU spends its time in batched
+    products of 3 x 40 matrices (the math path, taken with dropout) or in its flash kernel's
+    blocking (without). A loop over the L keys of whole-batch elementwise products, with the
+    backward written out (:class:`_ShortAttention`), is the same computation, faster on CPU:
+    see ``bench/attention_speed.py``."""
+    keep = keep_mask((*q.shape[:3], kv.shape[1]), p) if p else None  # (B, Lq, H, L)
+    return _ShortAttention.apply(q, kv, keep, 1.0 / (1.0 - p) if p < 1.0 else 0.0)
+
+
+class _ShortAttention(torch.autograd.Function):
+    """:func:`short_attention` with a given dropout mask ``keep`` (None: no dropout) and its
+    ``scale`` 1 / (1 - p). Weights w (B, Lq, H, L) = softmax(s), s_j = q . k_j / sqrt(d);
+    out = sum_j (w_j * keep_j * scale) v_j. The gradients are written into fresh tensors of
+    the inputs' shapes, so that no stacking follows."""
+
+    @staticmethod
+    def forward(ctx, q, kv, keep, scale):
+        B, Lq, H, d = q.shape
+        L = kv.shape[1]
+        s = q.new_empty(B, Lq, H, L)
+        for j in range(L):
+            torch.sum(q * kv[:, None, j, 0], -1, out=s[..., j])
+        w = s.mul_(d**-0.5).softmax(-1)
+        wd = w if keep is None else torch.where(keep, w, 0.0).mul_(scale)
+        out = wd[..., 0, None] * kv[:, None, 0, 1]  # (B, Lq, H, d)
+        for j in range(1, L):
+            out.addcmul_(wd[..., j, None], kv[:, None, j, 1])
+        ctx.save_for_backward(q, kv, w, wd, keep)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # g (B, Lq, H, d)
+        q, kv, w, wd, keep = ctx.saved_tensors
+        B, Lq, H, d = q.shape
+        L = kv.shape[1]
+        dw = w.new_empty(B, Lq, H, L)
+        for j in range(L):
+            torch.sum(g * kv[:, None, j, 1], -1, out=dw[..., j])
+        if keep is not None:
+            dw = torch.where(keep, dw, 0.0).mul_(ctx.scale)
+        ds = (dw - (dw * w).sum(-1, keepdim=True)).mul_(w).mul_(d**-0.5)  # (B, Lq, H, L)
+        dq = ds[..., 0, None] * kv[:, None, 0, 0]  # (B, Lq, H, d)
+        for j in range(1, L):
+            dq.addcmul_(ds[..., j, None], kv[:, None, j, 0])
+        dkv = torch.empty_like(kv, memory_format=torch.contiguous_format)  # (B, L, 2, H, d)
+        for j in range(L):
+            for grad, coef, other in ((dkv[:, j, 0], ds, q), (dkv[:, j, 1], wd, g)):
+                torch.mul(coef[:, 0, :, j, None], other[:, 0], out=grad)  # sum over queries
+                for i in range(1, Lq):
+                    grad.addcmul_(coef[:, i, :, j, None], other[:, i])
+        return dq, dkv, None, None
 
 
 def cross_entropy(
