@@ -15,7 +15,9 @@ Evaluation time is the time to rank ``--eval-queries`` queries of the valid spli
 with the evaluation neighbourhoods and the filter (scoring, filtering, ranking), extrapolated
 to the whole test split (2 x 20,466 queries for FB15K-237); ``--eval-queries 0`` ranks the
 whole test split instead. Peak memory is the process's max RSS on CPU (data and indexes
-included) and ``torch.cuda.max_memory_allocated`` on GPU.
+included) and ``torch.cuda.max_memory_allocated`` on GPU. On CPU the process keeps freed
+memory for reuse, as training does (``hitter_core.cpu_memory``; ``--no-keep-freed-memory``:
+glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
         [--device cpu|cuda] [model.hidden_size=128 train.lr=0.02 ...]
@@ -37,6 +39,7 @@ import torch
 
 from hitter_core.batches import compute_loss, make_batch
 from hitter_core.config import TrainConfig, load_config
+from hitter_core.cpu_memory import keep_freed_memory
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.evaluate import rank_queries, split_queries
 from hitter_core.model import HittER, make_scorer
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="default: the preset's train.eval_batch_size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (hitter_core.cpu_memory)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for training")
     args = parser.parse_args()
 
@@ -115,6 +120,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model_cfg, train_cfg = load_config(args.preset, args.overrides)
+    kept = device.type == "cpu" and not args.no_keep_freed_memory and keep_freed_memory()
     batch_size = args.batch_size or train_cfg.batch_size
     eval_batch = args.eval_batch_size or train_cfg.eval_batch_size
 
@@ -129,7 +135,8 @@ def main() -> None:
     print(f"{kg}\nmodel: {n_params:,} parameters, dim {c.hidden_size}, layers "
           f"{c.num_entity_layers}+{c.num_context_layers * c.use_context}, neighbours "
           f"{c.max_neighbours * c.use_context}; device {device}, threads "
-          f"{torch.get_num_threads()}, batch {batch_size} triples")
+          f"{torch.get_num_threads()}, batch {batch_size} triples, freed memory "
+          f"{'kept' if kept else 'returned'} (hitter_core.cpu_memory)")
     print(f"data + neighbour + filter index load: {load_s:.1f} s")
 
     print(f"reference matmul (float32, 11008x320 @ 320x1280): {matmul_rate(device):,.0f} GFLOP/s")

@@ -61,6 +61,9 @@ class TrainConfig:
     log_every: int = 100  # steps
     save_every: int = 200  # steps between "last" checkpoints (also after each validation)
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # CPU: glibc keeps freed memory for reuse instead of unmapping it (hitter_core.cpu_memory;
+    # faster steps, about 10% more peak memory).
+    keep_freed_memory: bool = True
 
     def validate_values(self) -> None:
         positive = ("batch_size", "eval_batch_size", "max_epochs", "validate_every", "log_every")

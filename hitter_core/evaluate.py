@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from hitter_core.cpu_memory import keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
 
@@ -245,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        keep_freed_memory()
 
     metrics = evaluate_checkpoint(
         args.checkpoint,

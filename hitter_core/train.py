@@ -59,6 +59,7 @@ from hitter_core.checkpoint import (
     trainer_state_dict,
 )
 from hitter_core.config import TrainConfig, load_config, save_config
+from hitter_core.cpu_memory import keep_freed_memory
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed
 from hitter_core.evaluate import evaluate, format_table
@@ -123,6 +124,8 @@ class Trainer:
         )
         self.model: HittER = self.engine.module
         self.device = self.engine.device
+        if self.device.type == "cpu" and cfg.keep_freed_memory:
+            keep_freed_memory()
 
         index = NeighbourIndex.build(kg, seed=model_config.neighbour_order_seed)
         self.neighbour_index = index.to(self.device)
