@@ -95,9 +95,8 @@ class Packing(NamedTuple):
 class PostLNLayer(nn.Module):
     """A post-LN Transformer encoder layer (BERT / ``nn.TransformerEncoderLayer`` layout) with
     torch's fused scaled-dot-product attention (two CPU exceptions: :meth:`_attention`), over
-    packed tokens (see :class:`Packing`). ``ffn_dropout``
-    adds torch's dropout after the FFN activation, which the reference's context layers (torch)
-    have and its BERT layers do not."""
+    packed tokens (see :class:`Packing`). ``ffn_dropout`` adds torch's dropout after the FFN
+    activation, which the reference's context layers (torch) have and its BERT layers do not."""
 
     def __init__(self, config: HittERConfig, eps: float, ffn_dropout: bool) -> None:
         super().__init__()
