@@ -10,7 +10,7 @@ from hitter_core.cpu_memory import keep_freed_memory
 
 # Run in a child process: the setting lasts for the rest of the process.
 PROBE = """
-import ctypes, sys
+import ctypes
 import torch
 from hitter_core.cpu_memory import keep_freed_memory
 
