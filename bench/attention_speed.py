@@ -1,5 +1,5 @@
 """Attention over the entity Transformer's 3 tokens: torch's ``scaled_dot_product_attention``
-against :func:`hitter_core.layers.short_attention`, which the layers use for it on CPU.
+against :func:`hitter_core.cpu_kernels.short_attention`, which the layers use for it on CPU.
 
 Times, on a paper-config FB15K-237 batch of pairs (about 3,650 distinct pairs in a batch of 64
 triples; 8 heads of 40), the training case (dropout 0.1, forward and backward down to the
@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hitter_core.layers import short_attention
+from hitter_core.cpu_kernels import short_attention
 
 
 def median_ms(run: Callable[[], None], repeats: int) -> float:

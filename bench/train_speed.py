@@ -20,7 +20,9 @@ memory for reuse, as training does (``hitter_core.cpu_memory``; ``--no-keep-free
 glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
-        [--device cpu|cuda] [model.hidden_size=128 train.lr=0.02 ...]
+        [--device cpu|cuda] [--no-keep-freed-memory] [model.hidden_size=128 train.lr=0.02 ...]
+
+The evaluation batch is the preset's ``train.eval_batch_size`` (override it as any setting).
 
 On a CPU shared with other jobs, OpenMP's default busy-waiting makes every parallel op wait
 for a descheduled thread: run with ``OMP_WAIT_POLICY=PASSIVE`` there (several times faster
@@ -34,15 +36,17 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from hitter_core.batches import compute_loss, make_batch
-from hitter_core.config import TrainConfig, load_config
-from hitter_core.cpu_memory import keep_freed_memory
+from hitter_core.cli import add_config_arguments, run_cli
+from hitter_core.config import DEFAULT_PRESET, TrainConfig, load_config
+from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.evaluate import rank_queries, split_queries
-from hitter_core.model import HittER, make_scorer
+from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_
 from hitter_core.ranking import FilterIndex
@@ -98,9 +102,9 @@ def matmul_rate(device: torch.device, repeats: int = 5) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / statistics.median(times[1:]) / 1e9
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="fb15k-237", help="preset name or YAML path")
+    add_config_arguments(parser, default_preset=DEFAULT_PRESET)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
@@ -108,13 +112,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--eval-queries", type=int, default=2048,
                         help="valid queries to time, extrapolated to test; 0: the whole test")
-    parser.add_argument("--eval-batch-size", type=int, default=None,
-                        help="default: the preset's train.eval_batch_size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-keep-freed-memory", action="store_true",
-                        help="CPU: leave glibc's malloc as it is (hitter_core.cpu_memory)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, as for training")
-    args = parser.parse_args()
+    add_memory_argument(parser)
+    args = parser.parse_intermixed_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -122,10 +122,11 @@ def main() -> None:
     model_cfg, train_cfg = load_config(args.preset, args.overrides)
     kept = device.type == "cpu" and not args.no_keep_freed_memory and keep_freed_memory()
     batch_size = args.batch_size or train_cfg.batch_size
-    eval_batch = args.eval_batch_size or train_cfg.eval_batch_size
+    eval_batch = train_cfg.eval_batch_size
 
     t0 = time.perf_counter()
-    kg = load_kg((train_cfg.data_dir or default_data_dir()) / model_cfg.dataset)
+    data_dir = Path(train_cfg.data_dir) if train_cfg.data_dir else default_data_dir()
+    kg = load_kg(data_dir / model_cfg.dataset)
     index = NeighbourIndex.build(kg, seed=model_cfg.neighbour_order_seed).to(device)
     filter_index = FilterIndex.build(kg)
     load_s = time.perf_counter() - t0
@@ -157,7 +158,7 @@ def main() -> None:
           f"{batch_size / best:,.1f} triples/s (best step)")
 
     # Evaluation: eval-mode scorer with the fixed neighbourhoods, filter and realistic rank.
-    scorer = make_scorer(model, index)
+    scorer = HittERScorer(model, index)
     if args.eval_queries:
         split, (src, rel, tgt) = "valid", split_queries(kg.valid, kg.num_relations)
         src, rel, tgt = src[: args.eval_queries], rel[: args.eval_queries], tgt[: args.eval_queries]
@@ -177,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main))

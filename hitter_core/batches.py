@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hitter_core.config import HittERConfig
 from hitter_core.evaluate import split_queries
-from hitter_core.model import HittERConfig
 from hitter_core.neighbours import NeighbourIndex, Neighbours, ground_truth_token
 
 

@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from hitter_core.config import TrainConfig, save_config
+from hitter_core.config import RUN_CONFIG_NAME, TrainConfig, save_config
 from hitter_core.model import HittER
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.yaml"
 TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "model.safetensors"  # the file save_pretrained writes for a single-shard model
 
@@ -106,7 +105,7 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        save_config(tmp / RUN_CONFIG, model.config, train_config)
+        save_config(tmp / RUN_CONFIG_NAME, model.config, train_config)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         for name, obj in (json_files or {}).items():

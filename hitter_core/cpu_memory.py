@@ -9,10 +9,15 @@ is freed, the effect that PyTorch's CPU tuning guide gets from swapping in jemal
 here with the allocator already loaded. ``bench/train_speed.py --no-keep-freed-memory``
 measures the difference (the README gives the figures); peak memory rises, by 6-36% in our
 runs.
+
+It changes the whole process, so only entry points call it (``python -m hitter_core.train``,
+``python -m hitter_core.evaluate``, ``bench/train_speed.py``), on CPU, unless given
+``--no-keep-freed-memory`` (:func:`add_memory_argument`); no library class does.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import platform
 
@@ -27,3 +32,9 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL("libc.so.6")
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-keep-freed-memory``: leave glibc's allocator as it is on CPU."""
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (hitter_core.cpu_memory)")

@@ -116,13 +116,6 @@ class KnowledgeGraph:
     def entity_index(self) -> dict[str, int]:
         return {e: i for i, e in enumerate(self.entities)}
 
-    def relation_index(self) -> dict[str, int]:
-        return {r: i for i, r in enumerate(self.relations)}
-
-    def files(self) -> list[Path]:
-        """The files this graph was read from (used to key on-disk caches)."""
-        return [self.directory / f"{s}.txt" for s in SPLITS]
-
     def __repr__(self) -> str:
         sizes = " / ".join(f"{len(self.splits[s]):,}" for s in SPLITS)
         return (

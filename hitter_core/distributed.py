@@ -1,11 +1,15 @@
 """The DeepSpeed set-up shared by both stages: the process group and ``ds_config.json``.
 
 * :func:`init_distributed`: join the process group a launcher set up (``deepspeed``,
-  ``torchrun``) or form a world of one; nccl on CUDA, gloo on CPU.
+  ``torchrun``) or form a world of one; nccl on CUDA, gloo on CPU. Returns the process's
+  device too (its GPU made current on CUDA).
 * :func:`resolve_ds_config`: ``ds_config.json`` with its ``"auto"`` values filled in from the
   caller's train config, the single place of every hyper-parameter. A value in the file that
   contradicts the train config is an error (batch size, ZeRO stage) or is overridden with a
   warning (clipping); ``"auto"`` is always accepted.
+* :func:`initialize_engine`: the DeepSpeed engine over a model, an optimizer and a schedule
+  built by the caller, with the resolved ``ds_config.json``.
+* :func:`destroy_distributed`: leave the process group at the end of a command.
 
 deepspeed is imported inside the functions, not at module level: it picks its accelerator at
 import, and ``device="cpu"`` must reach it first (``DS_ACCELERATOR``).
@@ -20,6 +24,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
@@ -27,9 +32,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_config.json"
 
 
-def init_distributed(device: str = "auto") -> tuple[int, int]:
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the process group a launcher set up through RANK/WORLD_SIZE/MASTER_*, or form a
-    world of one; nccl on CUDA, gloo on CPU. Returns (rank, world size)."""
+    world of one; nccl on CUDA, gloo on CPU. ``device``: "auto" (CUDA when available), "cpu"
+    or "cuda". Returns (rank, world size, this process's device); on CUDA the device is
+    ``cuda:LOCAL_RANK``, made the current one."""
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "MASTER_PORT" not in os.environ:
@@ -42,10 +49,49 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    cuda = get_accelerator().device_name() == "cuda"
     if not dist.is_initialized():
-        cuda = get_accelerator().device_name() == "cuda"
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    where = torch.device("cpu")
+    if cuda:
+        where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(where)
+    return dist.get_rank(), dist.get_world_size(), where
+
+
+def destroy_distributed() -> None:
+    """Leave the process group through DeepSpeed, which also drops the groups it cached (torch's
+    ``destroy_process_group`` leaves those behind, and the next engine in the same process,
+    e.g. in a test session, fails on them)."""
+    import deepspeed.comm
+
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
+
+
+def initialize_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ds_config: str | Path | None = None,
+    **resolve_kwargs: Any,
+) -> Any:
+    """The DeepSpeed engine over ``model`` with the caller's ``optimizer`` and per-step
+    ``scheduler`` (call :func:`init_distributed` first). ``resolve_kwargs`` go to
+    :func:`resolve_ds_config` (``micro_batch_size`` and ``max_grad_norm`` at least;
+    ``bf16_available`` defaults to a CUDA device that supports bf16). The engine moves the
+    model to its device and averages gradients across processes; ``engine.optimizer``,
+    ``engine.lr_scheduler`` and ``engine.config`` (the resolved config) are the ones in use."""
+    import deepspeed
+
+    if "bf16_available" not in resolve_kwargs:
+        cuda = deepspeed.accelerator.get_accelerator().device_name() == "cuda"
+        resolve_kwargs["bf16_available"] = cuda and torch.cuda.is_bf16_supported()
+    resolved = resolve_ds_config(ds_config, **resolve_kwargs)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=resolved
+    )
+    return engine
 
 
 def resolve_ds_config(

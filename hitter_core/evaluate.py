@@ -10,6 +10,11 @@ all 2T queries ("both", the standard figure), plus a per-relation breakdown.
 Command line::
 
     python -m hitter_core.evaluate CHECKPOINT --split test --data-dir DIR --output metrics.json
+        [--batch-size N] [--no-keep-freed-memory]
+
+``--batch-size`` defaults to the checkpoint's ``train.eval_batch_size`` (its
+``run_config.yaml``). On CPU the command keeps freed memory in the process
+(``hitter_core.cpu_memory``) unless ``--no-keep-freed-memory`` is given.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from hitter_core.cpu_memory import keep_freed_memory
+from hitter_core.cli import run_cli
+from hitter_core.config import RUN_CONFIG_NAME, TrainConfig
+from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
+from hitter_core.model import HittER, HittERScorer
+from hitter_core.neighbours import NeighbourIndex
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
 
 DIRECTIONS = ("tail", "head", "both")
@@ -182,9 +192,6 @@ def load_checkpoint_scorer(
     checkpoint: str, data_dir: Path, device: torch.device
 ) -> tuple[Scorer, KnowledgeGraph]:
     """Load a HittER directory saved by ``save_pretrained``, its dataset and its scorer."""
-    from hitter_core.model import HittER, make_scorer
-    from hitter_core.neighbours import NeighbourIndex
-
     model = HittER.from_pretrained(checkpoint).to(device).eval()
     kg = load_kg(Path(data_dir) / model.config.dataset)
     if (kg.num_entities, kg.num_relations) != (model.config.num_entities,
@@ -195,21 +202,32 @@ def load_checkpoint_scorer(
         )
     # Evaluation reads the first max_neighbours tokens of the fixed order the model saw.
     neighbour_index = NeighbourIndex.build(kg, seed=model.config.neighbour_order_seed)
-    return make_scorer(model, neighbour_index), kg
+    return HittERScorer(model, neighbour_index), kg
+
+
+def eval_batch_size(checkpoint: str | Path) -> int:
+    """``train.eval_batch_size`` of the run that saved ``checkpoint`` (its
+    ``run_config.yaml``), else the default of :class:`~hitter_core.config.TrainConfig`."""
+    saved = Path(checkpoint) / RUN_CONFIG_NAME
+    train = yaml.safe_load(saved.read_text(encoding="utf-8")).get("train", {}) if (
+        saved.is_file()) else {}
+    return train.get("eval_batch_size", TrainConfig.eval_batch_size)
 
 
 def evaluate_checkpoint(
     checkpoint: str,
     split: str = "test",
     data_dir: str | Path | None = None,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     device: str = "cpu",
     filter_splits: Sequence[str] = SPLITS,
     progress: bool = True,
     load: ScorerLoader | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved model; ``load`` (default ``load_checkpoint_scorer``) builds the scorer."""
+    """Evaluate a saved model; ``load`` (default ``load_checkpoint_scorer``) builds the scorer,
+    ``batch_size`` defaults to :func:`eval_batch_size`."""
     load = load or load_checkpoint_scorer
+    batch_size = batch_size or eval_batch_size(checkpoint)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     scorer, kg = load(checkpoint, data_dir, torch.device(device))
     metrics = evaluate(
@@ -235,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--data-dir", type=Path, default=None, help="data root (default $KGQA_DATA_DIR)"
     )
     parser.add_argument("--output", type=Path, default=None, help="write the metrics as JSON")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="queries per scoring call (default: the run's eval_batch_size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--filter-splits", nargs="+", default=list(SPLITS), choices=SPLITS,
@@ -245,8 +264,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--per-relation", action="store_true", help="also print the per-relation table"
     )
     parser.add_argument("--no-progress", action="store_true")
+    add_memory_argument(parser)
     args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cpu":
+    if torch.device(args.device).type == "cpu" and not args.no_keep_freed_memory:
         keep_freed_memory()
 
     metrics = evaluate_checkpoint(
@@ -268,4 +288,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -27,101 +27,25 @@ off in the no-context model (nothing would be left to recover the source from); 
 Work the outputs do not need is skipped, which changes no result beyond float rounding: the
 context Transformer runs on packed real tokens (``hitter_core.layers``), the last entity layer
 computes only the CLS output, and the last context layer only GCLS (and the source position
-for the MEP loss) unless every hidden state is asked for.
+for the MEP loss) unless every hidden state is asked for. Dropout, attention and the
+cross-entropy come from ``kernels_for(device)`` (``hitter_core.kernels``): torch's own ops,
+or their faster CPU equivalents on CPU.
 """
 
 from dataclasses import dataclass
 
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from hitter_core.layers import Packing, PostLNLayer, cross_entropy, dropout
+from hitter_core.config import HittERConfig
+from hitter_core.kernels import kernels_for
+from hitter_core.layers import Packing, PostLNLayer
 
 # Token-type ids of the context Transformer (REFERENCE.md "Encoder").
 GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2  # = the column, capped at 2
-
-
-@strict
-class HittERConfig(PreTrainedConfig):
-    """Architecture and regularisation of HittER. Defaults are the paper's FB15K-237 model
-    (paper section 3.3 and the FB15K-237 column of REFERENCE.md); ``recipes/configs/*.yaml``
-    hold the differences of other runs."""
-
-    model_type = "hitter"
-    attribute_map = {"dim": "hidden_size"}
-
-    # Data: FB15K-237 vocabulary (paper Table 2); set from the loaded graph for other data.
-    dataset: str = "fb15k-237"
-    num_entities: int = 14541
-    num_relations: int = 237  # R; the relation table has 2R rows (reciprocal relations)
-    # Transformer shape (paper section 3.3).
-    hidden_size: int = 320
-    num_attention_heads: int = 8
-    intermediate_size: int = 1280
-    hidden_act: str = "gelu"  # REFERENCE.md table
-    num_entity_layers: int = 3  # = context layers // 2 (REFERENCE.md)
-    num_context_layers: int = 6
-    use_context: bool = True  # False: the context-independent model of section 2.1
-    # Dropout (section 3.3: 0.1 everywhere, 0.6 on the embedding layers; REFERENCE.md says
-    # where the 0.6 "output" dropout applies: entity-Transformer input and scoring table).
-    attention_dropout: float = 0.1
-    hidden_dropout: float = 0.1
-    output_dropout: float = 0.6
-    # LayerNorm eps (REFERENCE.md "Small details"): input norms and BERT-style entity layers
-    # 1e-12, torch-style context layers 1e-5.
-    layer_norm_eps: float = 1e-12
-    context_layer_norm_eps: float = 1e-5
-    # The reference's type table has 100 rows of which 3 are used; keeping them reproduces
-    # its 15,936,640 parameters. 3 is the clean choice (97 * dim fewer parameters).
-    type_vocab_size: int = 100
-    initializer_range: float = 0.02  # normal(0, 0.02) init (REFERENCE.md)
-    # Neighbourhoods (section 3.3): max per source; train-time drop rate, applied by the data
-    # pipeline (NeighbourIndex.gather(drop=...)), never by the model.
-    max_neighbours: int = 50
-    neighbour_drop: float = 0.3
-    # Seed of the fixed per-source neighbour order (NeighbourIndex.build(seed=...)) that
-    # evaluation reads; the reference left it unseeded (REFERENCE.md "Neighbourhoods").
-    neighbour_order_seed: int = 0
-    # MEP (section 2.3; REFERENCE.md): share of training examples selected; of those, the share
-    # masked, then the share of the *unmasked* ones replaced by a random entity; the rest keep
-    # their entity. FB15K-237: 0.5 / 1.0 / 0 and no auxiliary loss.
-    mep_self_dropout: float = 0.5
-    mep_mask_prob: float = 1.0
-    mep_replace_prob: float = 0.0
-    mep_aux_loss: bool = False
-    label_smoothing: float = 0.0  # REFERENCE.md: 0 for FB15K-237 (the paper says 0.1)
-    # Identical (entity, relation) pairs of a batch are encoded once (eval mode: always, the
-    # result is the same). In training the copies of a pair then share its dropout draws,
-    # where the reference draws them per copy. Every query still sees masks with the reference's
-    # distribution, so the expected loss and gradient are unchanged; only queries of one batch
-    # that share a pair get correlated noise. On FB15K-237 13-17% of a paper-config batch's
-    # pairs are repeats (hub entities), and sharing makes a training step ~10% faster.
-    # False: the reference's independent draw per copy.
-    dedup_pairs_in_training: bool = True
-
-    def validate_hitter(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-        for name in ("attention_dropout", "hidden_dropout", "output_dropout", "neighbour_drop",
-                     "mep_self_dropout", "mep_mask_prob", "mep_replace_prob", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.use_context and self.type_vocab_size < 3:
-            raise ValueError("type_vocab_size must be >= 3 (GCLS, source, neighbour)")
-        if min(self.num_entities, self.num_relations, self.num_entity_layers) < 1:
-            raise ValueError("num_entities, num_relations and num_entity_layers must be >= 1")
-
-    @property
-    def mep_loss_weight(self) -> float:
-        """Weight of the MEP auxiliary loss: self_dropout / (1 + self_dropout) (REFERENCE.md)."""
-        return self.mep_self_dropout / (1.0 + self.mep_self_dropout)
 
 
 @dataclass
@@ -194,7 +118,9 @@ class HittER(PreTrainedModel):
         computed (module docstring). MEP and dropout follow ``self.training``.
         """
         mep = self.training and self.config.use_context and self.config.mep_self_dropout > 0
-        table = dropout(
+        kernels = kernels_for(sources.device)
+        # The 0.6 "output" dropout on the scoring table (REFERENCE.md), in training only.
+        table = kernels.dropout(
             self.entity_embeddings.weight, self.config.output_dropout, self.training
         )  # (E, D)
         if not self.config.use_context:
@@ -217,7 +143,7 @@ class HittER(PreTrainedModel):
             # Recover the perturbed source from its context output (weights tied, no bias).
             if selected.any():
                 src_scores = head[selected, 1] @ table.T  # (S, E)
-                out.mep_loss = cross_entropy(
+                out.mep_loss = kernels.cross_entropy(
                     src_scores, sources[selected], label_smoothing=self.config.label_smoothing
                 )
             else:
@@ -247,7 +173,7 @@ class HittER(PreTrainedModel):
 
     def _add_loss(self, out: HittEROutput, targets: torch.Tensor | None) -> HittEROutput:
         if targets is not None:
-            out.lp_loss = cross_entropy(
+            out.lp_loss = kernels_for(out.scores.device).cross_entropy(
                 out.scores, targets, label_smoothing=self.config.label_smoothing
             )
             out.loss = out.lp_loss
@@ -265,7 +191,7 @@ class HittER(PreTrainedModel):
             dim=1,
         )  # (P, 3, D)
         x = x + self.pair_position_embeddings.weight  # (3, D) broadcast
-        x = dropout(x, self.config.output_dropout, input_dropout)
+        x = kernels_for(x.device).dropout(x, self.config.output_dropout, input_dropout)
         x = self.pair_norm(x).view(P * 3, D)  # packed tokens, no padding
         starts = torch.arange(0, 3 * P, 3, device=x.device)  # (P,)
         packing = Packing(P, 3, None, starts, None)
@@ -358,7 +284,8 @@ class HittER(PreTrainedModel):
         ).index_copy(0, is_pair.nonzero().squeeze(1), pair_out)  # (T, D)
         type_ids = (ctx_pos % (2 + N)).clamp(max=NEIGHBOUR_TYPE)  # column 0 GCLS, 1 source
         x = x + self.type_embeddings(type_ids)  # (T, D)
-        x = self.context_norm(dropout(x, self.config.hidden_dropout, self.training))
+        x = kernels_for(device).dropout(x, self.config.hidden_dropout, self.training)
+        x = self.context_norm(x)
         packing = Packing(B, 2 + N, ctx_pos, row_starts, mask[:, None, None, :])
         layers = []
         for layer in self.context_layers[:-1]:
@@ -377,9 +304,10 @@ class HittER(PreTrainedModel):
         return hidden, head, mask, selected
 
 
-class Scorer:
-    """Callable (sources (B,), relations (B,)) -> scores (B, E) in eval mode, with the fixed
-    evaluation neighbourhoods of ``neighbour_index`` (REFERENCE.md "Neighbourhoods")."""
+class HittERScorer:
+    """HittER as a :class:`hitter_core.evaluate.Scorer`: (sources (B,), relations (B,)) ->
+    scores (B, E) in eval mode, with the fixed evaluation neighbourhoods of
+    ``neighbour_index`` (REFERENCE.md "Neighbourhoods")."""
 
     def __init__(self, model: HittER, neighbour_index) -> None:
         self.model = model
@@ -405,7 +333,3 @@ class Scorer:
         finally:
             model.train(was_training)
 
-
-def make_scorer(model: HittER, neighbour_index) -> Scorer:
-    """The evaluation scorer of ``model`` (see :class:`Scorer`)."""
-    return Scorer(model, neighbour_index)

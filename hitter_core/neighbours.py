@@ -1,5 +1,5 @@
 """Graph neighbourhoods of source entities (paper section 2.2 "the relational neighbourhood
-N_G(e_src)" and section 2.4 "uniform neighbourhood sampling ... remove the ground truth").
+N_G(e_src)" and section 2.3 "uniform neighbourhood sampling ... remove the ground truth").
 
 Behaviour follows ``shared/design/REFERENCE.md`` ("Neighbourhoods"):
 

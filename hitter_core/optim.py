@@ -1,5 +1,5 @@
-"""Optimisation of link-prediction training and the DeepSpeed engine that runs it (paper
-section 3.3; REFERENCE.md "Optimiser quirks").
+"""Optimisation of link-prediction training (paper section 3.3; REFERENCE.md "Optimiser
+quirks"); :func:`warmup_steps` is the warm-up length of both stages.
 
 * :class:`AdamaxW`: torch's Adamax with *decoupled* weight decay on every parameter
   (embeddings and LayerNorm included, as the reference). torch 2.13's ``Adamax(weight_decay=)``
@@ -11,18 +11,14 @@ section 3.3; REFERENCE.md "Optimiser quirks").
   to 0 (``transformers.get_linear_schedule_with_warmup``).
 * :func:`clip_grad_per_tensor_`: clip each parameter's gradient to norm ``max_norm`` on its
   own (the reference), rather than DeepSpeed's clipping of the global norm.
-* :func:`build_engine`: the DeepSpeed engine over these, ``ds_config.json`` filled in from
-  :class:`~hitter_core.config.TrainConfig` (:mod:`hitter_core.distributed`).
 
-deepspeed is imported inside the function, not at module level: it picks its accelerator
-at import, and ``train.device="cpu"`` must reach it first (``DS_ACCELERATOR``).
+The DeepSpeed engine over these is built by :func:`hitter_core.distributed.initialize_engine`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +26,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_linear_schedule_with_warmup
 
 from hitter_core.config import TrainConfig
-from hitter_core.distributed import resolve_ds_config
 
 
 class AdamaxW(torch.optim.Adamax):
@@ -67,7 +62,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> AdamaxW:
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """Number of warm-up steps: ``ceil(warmup_ratio * total_steps)``."""
+    """Number of warm-up steps of a linear warm-up / linear decay schedule over
+    ``total_steps``: ``ceil(warmup_ratio * total_steps)`` (both stages)."""
     return math.ceil(warmup_ratio * total_steps)
 
 
@@ -92,28 +88,3 @@ def clip_grad_per_tensor_(params: Iterable[torch.Tensor], max_norm: float) -> to
     scales = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # (P,)
     torch._foreach_mul_(grads, list(scales.unbind()))
     return norms
-
-
-def build_engine(
-    model: torch.nn.Module,
-    config: TrainConfig,
-    total_steps: int,
-    ds_config: str | Path | None = None,
-) -> tuple[Any, AdamaxW, LambdaLR, dict[str, Any]]:
-    """The DeepSpeed engine around ``model`` with our optimizer and schedule (call
-    :func:`init_distributed` first). Returns (engine, optimizer, scheduler, resolved config);
-    the engine moves the model to its device and averages gradients across processes."""
-    import deepspeed
-
-    cuda = deepspeed.accelerator.get_accelerator().device_name() == "cuda"
-    resolved = resolve_ds_config(
-        ds_config, micro_batch_size=config.batch_size, max_grad_norm=config.max_grad_norm,
-        engine_clips=not config.clip_per_tensor,
-        bf16_available=cuda and torch.cuda.is_bf16_supported(),
-    )
-    optimizer = build_optimizer(model, config)
-    scheduler = linear_schedule(optimizer, total_steps, config.warmup_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=resolved
-    )
-    return engine, optimizer, scheduler, resolved

@@ -1,4 +1,4 @@
-"""Filtered ranking: the filter index, rank definitions and metrics (paper section 4.1,
+"""Filtered ranking: the filter index, rank definitions and metrics (paper section 3.2,
 link prediction evaluation; the filtered setting of Bordes et al. 2013).
 
 A query is ``(source entity, relation token)`` with relation tokens in ``[0, 2R)``: a tail

@@ -28,7 +28,10 @@ many triples per step.
 Command line (single process; ``recipes/pretrain_kg.sh`` wraps it in the DeepSpeed launcher)::
 
     python -m hitter_core.train --preset cpu-small [--data-dir DIR] [--output-dir DIR]
-        [--ds-config ds_config.json] [--resume] [section.key=value ...]
+        [--ds-config ds_config.json] [--resume] [--no-keep-freed-memory] [section.key=value ...]
+
+On CPU the command keeps freed memory in the process (``hitter_core.cpu_memory``) unless
+``--no-keep-freed-memory`` is given; a mistake in the config ends in one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -58,14 +61,22 @@ from hitter_core.checkpoint import (
     save_checkpoint,
     trainer_state_dict,
 )
-from hitter_core.config import TrainConfig, load_config, save_config
-from hitter_core.cpu_memory import keep_freed_memory
+from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
+from hitter_core.config import (
+    DEFAULT_PRESET,
+    RUN_CONFIG_NAME,
+    HittERConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.distributed import init_distributed
+from hitter_core.distributed import destroy_distributed, init_distributed, initialize_engine
 from hitter_core.evaluate import evaluate, format_table
-from hitter_core.model import HittER, HittERConfig, make_scorer
+from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
-from hitter_core.optim import build_engine, clip_grad_per_tensor_
+from hitter_core.optim import build_optimizer, clip_grad_per_tensor_, linear_schedule
 from hitter_core.ranking import FilterIndex
 
 logger = logging.getLogger(__name__)
@@ -87,7 +98,7 @@ class Trainer:
         resume: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
-        self.rank, self.world_size = init_distributed(cfg.device)
+        self.rank, self.world_size, _ = init_distributed(cfg.device)
         if kg is None:
             data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
             kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
@@ -119,13 +130,17 @@ class Trainer:
                        "steps_per_epoch": self.steps_per_epoch}
 
         torch.manual_seed(cfg.seed)
-        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(
-            HittER(model_config), cfg, self.total_steps, ds_config
+        model = HittER(model_config)
+        optimizer = build_optimizer(model, cfg)
+        self.engine = initialize_engine(
+            model, optimizer, linear_schedule(optimizer, self.total_steps, cfg.warmup_ratio),
+            ds_config, micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
+            engine_clips=not cfg.clip_per_tensor,
         )
+        self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
+        self.ds_config = self.engine.config
         self.model: HittER = self.engine.module
         self.device = self.engine.device
-        if self.device.type == "cpu" and cfg.keep_freed_memory:
-            keep_freed_memory()
 
         index = NeighbourIndex.build(kg, seed=model_config.neighbour_order_seed)
         self.neighbour_index = index.to(self.device)
@@ -142,7 +157,7 @@ class Trainer:
         self.metrics = None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.output_dir / "run_config.yaml", model_config, cfg)
+            save_config(self.output_dir / RUN_CONFIG_NAME, model_config, cfg)
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.metrics = MetricsLogger(self.output_dir)
             self.metrics.truncate_after(self.state.step)
@@ -253,7 +268,7 @@ class Trainer:
 
     def _evaluate(self, model: HittER, split: str) -> dict[str, Any]:
         return evaluate(
-            make_scorer(model, self.neighbour_index), self.kg, split,
+            HittERScorer(model, self.neighbour_index), self.kg, split,
             filter_index=self.filter_index, batch_size=self.train_config.eval_batch_size,
             device=self.device,
         )
@@ -331,22 +346,12 @@ def parse_args(
         prog="python -m hitter_core.train",
         description="Train HittER for link prediction (1vsAll, DeepSpeed data parallel).",
     )
-    parser.add_argument("--preset", default="fb15k-237",
-                        help="preset in recipes/configs (fb15k-237, wn18rr, cpu-small) or YAML")
-    parser.add_argument("--data-dir", help="data root holding <dataset>/ (default $KGQA_DATA_DIR)")
-    parser.add_argument("--output-dir", help="run directory (default: the preset's)")
-    parser.add_argument("--ds-config", help="DeepSpeed JSON config (default: ds_config.json)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/last if it exists (else start afresh)")
-    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment is used.
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    add_config_arguments(parser, default_preset=DEFAULT_PRESET)
+    add_run_arguments(parser)
+    add_memory_argument(parser)
     args = parser.parse_intermixed_args(argv)
     model_config, train_config = load_config(args.preset, args.overrides)
-    if args.data_dir:
-        train_config.data_dir = str(args.data_dir)
-    if args.output_dir:
-        train_config.output_dir = str(args.output_dir)
+    apply_run_arguments(train_config, args)
     return model_config, train_config, args
 
 
@@ -359,10 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # per-checkpoint save/load bars
+    on_cpu = train_config.device == "cpu" or (
+        train_config.device == "auto" and not torch.cuda.is_available()
+    )
+    if on_cpu and not args.no_keep_freed_memory:
+        keep_freed_memory()
     train(model_config, train_config, ds_config=args.ds_config, resume=args.resume)
-    dist.destroy_process_group()
+    destroy_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

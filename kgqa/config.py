@@ -1,24 +1,41 @@
 """Configuration of the KG-enhanced masked LM and of its QA fine-tuning (paper section 4 and
 appendix B).
 
+Two sections, read by the configuration system both stages share
+(:func:`hitter_core.config.load_sections`; presets ``recipes/configs/qa-*.yaml`` hold only
+differences, ``section.key=value`` overrides on the command line):
+
+* ``model``: :class:`KGQAConfig`, the ``transformers`` config of
+  :class:`kgqa.model.KGEnhancedLM` (saved as ``config.json`` with every QA checkpoint);
+* ``train``: :class:`QATrainConfig`, the QA fine-tuning run.
+
 Defaults are the paper's runs; where the paper is silent they follow
-``shared/design/REFERENCE.md`` ("QA (``kgqa``)"), cited field by field. Both dataclasses are
-plain (``HfArgumentParser`` reads them from the command line or a YAML file) and every field
-holds one hyper-parameter that lives nowhere else.
+``shared/design/REFERENCE.md`` ("QA (``kgqa``)"), cited field by field. Every field holds one
+hyper-parameter that lives nowhere else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
 
 from kgqa.lm import DEFAULT_LM
 
 
-@dataclass
-class KGQAModelConfig:
-    """What :class:`kgqa.model.KGEnhancedLM` is built from."""
+@strict
+class KGQAConfig(PreTrainedConfig):
+    """What :class:`kgqa.model.KGEnhancedLM` is built from (paper section 4, Figure 4).
+
+    ``lm_config`` and ``kg_config`` are filled by :func:`kgqa.model.build_model` from the
+    loaded LM and HittER (``None`` until then; ``kg_config`` stays ``None`` without KG), and
+    ``layer_mapping`` then holds the mapping actually used, so a saved model rebuilds from its
+    ``config.json`` alone."""
+
+    model_type = "hitter-kgqa"
 
     # Language model: a Hub id or local directory (``minilm`` = the offline test LM, see
     # kgqa.lm). Paper section 4: BERT-base, uncased (REFERENCE.md).
@@ -36,13 +53,14 @@ class KGQAModelConfig:
     # (appendix B: the cross-attention follows the BERT configuration). Its attention-
     # probability dropout is always the LM's attention_probs_dropout_prob.
     adapter_dropout: float | None = None
-    # Neighbours per topic entity given to HittER (REFERENCE.md: up to 50).
+    # Neighbours per topic entity given to HittER (REFERENCE.md: up to 50); read where batches
+    # are made (kgqa.batches.ClozeCollator).
     max_neighbours: int = 50
-    # The tokenizer's [MASK] id: mask positions when a batch carries no labels (103 in the
-    # bert-base-uncased vocabulary, which the MiniLM test LM shares).
-    mask_token_id: int = 103
+    # Set by the builder, not by users: BertConfig.to_dict() of the LM, HittERConfig.to_dict().
+    lm_config: dict[str, Any] | None = None
+    kg_config: dict[str, Any] | None = None
 
-    def __post_init__(self) -> None:
+    def validate_kgqa(self) -> None:
         if self.max_neighbours < 0:
             raise ValueError(f"max_neighbours must be >= 0, got {self.max_neighbours}")
         if self.adapter_dropout is not None and not 0.0 <= self.adapter_dropout < 1.0:
@@ -51,42 +69,57 @@ class KGQAModelConfig:
             parse_layer_mapping(self.layer_mapping)  # fail early on a malformed string
 
 
+@strict
 @dataclass
 class QATrainConfig:
-    """QA fine-tuning (appendix B; REFERENCE.md "Training")."""
+    """QA fine-tuning (appendix B; REFERENCE.md "Training"): hyper-parameters and run
+    settings. One run = one dataset, one split, one seed (recipes loop over seeds)."""
 
     dataset: Literal["webqsp", "freebaseqa"] = "webqsp"
     # "full" = all questions, "filtered" = topic and answer both in FB15K-237 (paper Table 5).
     split: Literal["full", "filtered"] = "filtered"
     data_dir: str | None = None  # None = $KGQA_DATA_DIR
     output_dir: str = "runs/qa"
+    # Prepared splits, cloze datasets, neighbour index; None = ~/.cache/hitter-kgqa.
+    cache_dir: str | None = None
     # Appendix B: Adam(W) at 5e-5 for the new cross-attention modules and 5e-6 for every
     # pretrained weight (BERT and, co-trained, HittER).
     lr_adapters: float = 5e-5
     lr_pretrained: float = 5e-6
     # REFERENCE.md: weight decay 0.01 except biases and LayerNorm weights.
     weight_decay: float = 0.01
-    # Appendix B / REFERENCE.md: linear warm-up over the first 10% of steps, then linear decay.
+    # Appendix B / REFERENCE.md: linear warm-up over the first 10% of steps, then linear decay
+    # (hitter_core.optim.warmup_steps).
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0  # REFERENCE.md: gradient clipping 1.0
-    batch_size: int = 16  # appendix B
+    batch_size: int = 16  # appendix B; per process
+    eval_batch_size: int = 64  # questions per dev / test forward pass (no effect on results)
     epochs: int = 20  # appendix B
-    seed: int = 333  # REFERENCE.md; run i of a multi-seed job uses seed + i
-    num_seeds: int = 5  # paper Table 6: mean and std over five runs
+    seed: int = 333  # REFERENCE.md; paper Table 6: mean and std over five seeds
     # The reference selected its checkpoint on the test set; we hold out this share of train
     # as a dev split, select on it and report test once (REFERENCE.md, last point).
     dev_fraction: float = 0.1
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (ds_config.json)
+    eval_every: int = 1  # epochs between dev evaluations; the last epoch is always evaluated
+    patience: int = 0  # dev evaluations without improvement before stopping; 0 = never stop
+    max_train_examples: int | None = None  # smoke runs: the first n train questions only
+    max_eval_examples: int | None = None  # smoke runs: the first n dev / test questions only
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (ds_config.json); 0-2 supported
 
-    def __post_init__(self) -> None:
+    def validate_values(self) -> None:
         if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not 0.0 <= self.dev_fraction < 1.0:
-            raise ValueError(f"dev_fraction must be in [0, 1), got {self.dev_fraction}")
-        if min(self.batch_size, self.epochs, self.num_seeds) < 1:
-            raise ValueError("batch_size, epochs and num_seeds must be >= 1")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 < self.dev_fraction < 1.0:
+            raise ValueError(f"train.dev_fraction must be in (0, 1) (the dev split selects "
+                             f"the checkpoint), got {self.dev_fraction}")
+        for name in ("batch_size", "eval_batch_size", "epochs", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"train.zero_stage must be 0, 1 or 2 (3 shards the weights), "
+                             f"got {self.zero_stage}")
+
+
+QA_SCHEMA = {"model": KGQAConfig, "train": QATrainConfig}  # the sections of a QA run
 
 
 def parse_layer_mapping(spec: str | Mapping[int, int]) -> dict[int, int]:

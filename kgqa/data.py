@@ -1,4 +1,4 @@
-"""Factoid-QA splits and cloze inputs (paper section 4 and appendix B; REFERENCE.md "QA").
+"""Factoid-QA sources and splits (paper section 4 and appendix B; REFERENCE.md "QA").
 
 * Sources (:func:`read_sources`): under the data directory, WebQSP's official
   ``webqsp/WebQSP.{train,test}.json`` and FreebaseQA's official
@@ -12,12 +12,10 @@
   (:func:`split_dev`: a salted hash of the question id, so the same question lands on the same
   side in the full and the filtered split, whatever the file order). The reference selected on
   the test set; we do not.
-* Cloze form (:func:`build_cloze_dataset`): ``question + " " + [MASK] * n + "."`` with the
-  tokenizer's special tokens, n = the number of word pieces of the answer name (the number of
-  masks is known to every model, as in the paper). Labels are those pieces at the mask
-  positions and -100 elsewhere. For BERT's WordPiece tokenizer the ids equal HittER's
-  ``RawQuestion + "[MASK]" * n + "."``; the labels come from the answer name, never from the
-  label ids stored in the released files.
+* Prepared splits (:func:`save_examples` / :func:`load_examples`): JSON lines written by
+  :mod:`kgqa.prepare`, the one path from the source files to training
+  (:func:`kgqa.prepare.load_qa_splits` prepares them on first use). Cloze inputs and batches
+  are made in :mod:`kgqa.batches`.
 """
 
 from __future__ import annotations
@@ -25,16 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
-import torch
-from datasets import Dataset, Features, Value
-from torch.nn.utils.rnn import pad_sequence
-
+from hitter_core.config import DEFAULT_KG
 from hitter_core.data import DataFormatError, KnowledgeGraph, load_kg
 from kgqa.config import QATrainConfig
 from kgqa.qa_readers import (
@@ -61,20 +54,7 @@ OFFICIAL_FILES = {
 }
 DEV_FRACTION = QATrainConfig.dev_fraction  # share of train carved out for model selection
 DEV_SALT = "hitter-kgqa-dev"
-IGNORE_INDEX = -100  # label at non-mask positions (ignored by the MLM loss)
-NO_ENTITY = -1  # topic_entity / answer_entity in tensors when the entity is not in the KG
-CLOZE_FORMAT = 1  # bump when the cloze layout changes: invalidates cached datasets
 _EXAMPLE_FIELDS = tuple(f.name for f in fields(QAExample))
-_EXAMPLE_FEATURES = Features(
-    {
-        "question_id": Value("string"),
-        "question": Value("string"),
-        "topic_entity": Value("int64"),
-        "answer": Value("string"),
-        "answer_entity": Value("int64"),
-        "relation": Value("int64"),
-    }
-)
 
 
 def filtered(examples: Iterable[QAExample]) -> list[QAExample]:
@@ -166,9 +146,9 @@ def read_sources(
     data_dir: str | Path, kg: KnowledgeGraph | None = None, datasets: Iterable[str] = SOURCE_SPLITS
 ) -> QASources:
     """Read every available QA source under ``data_dir`` (module docstring) with the KG
-    vocabulary of ``kg`` (default: ``data_dir/fb15k-237``)."""
+    vocabulary of ``kg`` (default: ``data_dir/fb15k-237``, :data:`DEFAULT_KG`)."""
     data_dir = Path(data_dir)
-    kg = kg if kg is not None else load_kg(data_dir / "fb15k-237")
+    kg = kg if kg is not None else load_kg(data_dir / DEFAULT_KG)
     out = QASources()
     for dataset in datasets:
         if dataset not in SOURCE_SPLITS:
@@ -196,29 +176,12 @@ def qa_splits(
     return out
 
 
-def load_qa_splits(
-    data_dir: str | Path,
-    dataset: str,
-    variant: str,
-    kg: KnowledgeGraph | None = None,
-    dev_fraction: float = DEV_FRACTION,
-) -> dict[str, list[QAExample]]:
-    """Train / dev / test examples of one dataset and variant, read from the source files;
-    raises FileNotFoundError (with the notes) when train or test cannot be built."""
-    sources = read_sources(data_dir, kg, datasets=[dataset])
-    splits = qa_splits(sources, dataset, variant, dev_fraction)
-    missing = [s for s in ("train", "test") if s not in splits]
-    if missing:
-        notes = "; ".join(sources.messages)
-        raise FileNotFoundError(f"{dataset} {variant}: no {' / '.join(missing)} split ({notes})")
-    return splits
-
-
 # ----------------------------------------------------------------------------- JSONL files
 
 
 def prepared_file(prepared_dir: str | Path, dataset: str, variant: str, split: str) -> Path:
-    """Where :mod:`kgqa.prepare` writes a split: ``DIR/<dataset>/<variant>/<split>.jsonl``."""
+    """Where :func:`kgqa.prepare.prepare` writes a split:
+    ``DIR/<dataset>/<variant>/<split>.jsonl``."""
     return Path(prepared_dir) / dataset / variant / f"{split}.jsonl"
 
 
@@ -256,124 +219,3 @@ def load_examples(path: str | Path) -> list[QAExample]:
                 raise DataFormatError(f"{where}: {record['question_id']}: empty answer")
             out.append(QAExample(**{k: record[k] for k in _EXAMPLE_FIELDS}))
     return out
-
-
-def load_split(prepared_dir: str | Path, dataset: str, variant: str, split: str) -> list[QAExample]:
-    return load_examples(prepared_file(prepared_dir, dataset, variant, split))
-
-
-# ----------------------------------------------------------------------------- cloze inputs
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # normaliser, pre-tokeniser, vocabulary, special tokens
-        spec = json.loads(backend.to_str())
-        for state in ("truncation", "padding"):  # per-call settings, changed by every call
-            spec.pop(state, None)
-        content = json.dumps(spec, sort_keys=True)
-    else:
-        content = json.dumps(sorted(tokenizer.get_vocab().items()))
-    ident = f"{type(tokenizer).__name__}|{tokenizer.mask_token}|{len(tokenizer)}|{content}"
-    return hashlib.sha256(ident.encode()).hexdigest()
-
-
-def cloze_fingerprint(examples: Sequence[QAExample], tokenizer: Any, max_length: int) -> str:
-    """Key of the cached cloze dataset: the examples, the tokenizer and the cloze layout."""
-    h = hashlib.sha256(f"cloze-v{CLOZE_FORMAT}|{max_length}|".encode())
-    h.update(_tokenizer_fingerprint(tokenizer).encode())
-    for e in examples:
-        h.update(json.dumps(asdict(e), ensure_ascii=False).encode())
-    return h.hexdigest()
-
-
-def _cloze_batch(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
-    """Batched ``Dataset.map`` function: cloze text -> input_ids / attention_mask / labels."""
-    mask = tokenizer.mask_token
-    pieces = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
-    texts = [f"{q} {mask * len(p)}." for q, p in zip(batch["question"], pieces, strict=True)]
-    enc = tokenizer(texts)
-    labels = []
-    rows = zip(batch["question_id"], enc["input_ids"], pieces, strict=True)
-    for qid, ids, answer_ids in rows:
-        positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
-        if len(positions) != len(answer_ids):  # e.g. a literal mask token inside the question
-            raise DataFormatError(
-                f"{qid}: {len(positions)} mask tokens in the cloze input, expected "
-                f"{len(answer_ids)} (one per answer piece)"
-            )
-        row = [IGNORE_INDEX] * len(ids)
-        for i, t in zip(positions, answer_ids, strict=True):
-            row[i] = t
-        labels.append(row)
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": labels,
-        "num_masks": [len(p) for p in pieces],
-        "topic_entity": [NO_ENTITY if t is None else t for t in batch["topic_entity"]],
-        "answer_entity": [NO_ENTITY if t is None else t for t in batch["answer_entity"]],
-    }
-
-
-def build_cloze_dataset(
-    examples: Sequence[QAExample],
-    tokenizer: Any,
-    cache_dir: str | Path | None = None,
-    max_length: int = 512,
-) -> Dataset:
-    """Cloze examples as a ``datasets.Dataset`` with columns ``question_id, question, answer,
-    topic_entity, answer_entity`` (-1 = not in the KG), ``relation, input_ids,
-    attention_mask, labels, num_masks``. Rows are not padded (see :func:`collate_cloze`).
-
-    With ``cache_dir`` the tokenized dataset is cached there as
-    ``cloze-<tokenizer>-<fingerprint>.arrow`` and reused while the examples, the tokenizer and
-    the cloze layout are unchanged. Answers with no word piece and inputs longer than
-    ``max_length`` are dropped, counted and logged with their question ids.
-    """
-    if tokenizer.mask_token is None:
-        raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no mask token")
-    records = [asdict(e) for e in examples]
-    if not records:
-        raise ValueError("no examples to convert")
-    map_kwargs: dict[str, Any] = {}
-    if cache_dir is not None:
-        fp = cloze_fingerprint(examples, tokenizer, max_length)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path).name) or "tokenizer"
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        map_kwargs = dict(cache_file_name=str(Path(cache_dir) / f"cloze-{name}-{fp[:20]}.arrow"))
-        map_kwargs["new_fingerprint"] = fp[:32]
-    ds = Dataset.from_list(records, features=_EXAMPLE_FEATURES).map(
-        _cloze_batch, batched=True, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs
-    )
-    num_masks, lengths = ds["num_masks"], [len(x) for x in ds["input_ids"]]
-    sizes = zip(num_masks, lengths, strict=True)
-    keep = [i for i, (n, ln) in enumerate(sizes) if n > 0 and ln <= max_length]
-    if len(keep) < len(ds):
-        ids = ds["question_id"]
-        empty = [ids[i] for i, n in enumerate(num_masks) if n == 0]
-        long = [ids[i] for i, ln in enumerate(lengths) if ln > max_length]
-        for reason, dropped in (("answer has no word piece", empty), ("too long", long)):
-            if dropped:
-                logger.warning("dropped %d examples (%s): %s", len(dropped), reason, dropped[:10])
-        ds = ds.select(keep, keep_in_memory=True)
-    return ds
-
-
-def collate_cloze(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a list of cloze rows into a batch: ``input_ids, attention_mask, labels`` (B, L)
-    padded with ``pad_token_id`` / 0 / -100; ``topic_entity, relation, answer_entity,
-    num_masks`` (B,)."""
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        rows = [torch.as_tensor(f[key], dtype=torch.long) for f in features]
-        return pad_sequence(rows, batch_first=True, padding_value=value)  # (B, L)
-
-    batch = {
-        "input_ids": pad("input_ids", pad_token_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-    }
-    for key in ("topic_entity", "relation", "answer_entity", "num_masks"):
-        batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)  # (B,)
-    return batch

@@ -62,7 +62,7 @@ def predict(
     try:
         for batch in batches:
             B = len(batch["input_ids"])
-            res = model({k: v.to(device) for k, v in batch.items()})
+            res = model(**{k: v.to(device) for k, v in batch.items()})
             top = res.logits.argmax(-1)  # (M,)
             counts = torch.bincount(res.rows, minlength=B)  # (B,) masks per question
             wrong = torch.zeros(B, dtype=torch.long, device=top.device)

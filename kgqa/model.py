@@ -1,39 +1,47 @@
 """BERT masked LM enhanced with HittER through cross-attention (paper section 4, Figure 4;
 appendix B).
 
-:class:`KGEnhancedLM` composes a stock ``transformers.BertForMaskedLM``, optionally a
-pretrained :class:`hitter_core.model.HittER` with the :class:`NeighbourIndex` of its graph, and
-the cross-attention adapters of :mod:`kgqa.adapters`. Without HittER it is the plain LM (the
+:class:`KGEnhancedLM` is a ``transformers.PreTrainedModel`` (config :class:`KGQAConfig`, so
+``save_pretrained`` / ``from_pretrained`` are the standard ones) that composes a stock
+``BertForMaskedLM``, optionally a pretrained :class:`hitter_core.model.HittER`, and the
+cross-attention adapters of :mod:`kgqa.adapters`. Without HittER it is the plain LM (the
 "BERT" baseline of paper Table 6) on the same code path.
 
-KG input (REFERENCE.md "QA"): the question's topic entity and relation id (0 in the released
-data). The model gathers the topic's neighbours itself: in training a fresh random subset of
-``max_neighbours`` (no ground-truth removal, no neighbour drop), in evaluation the fixed first
-ones; HittER runs in its representation mode (``HittER.encode``), its internal dropouts
-following its own train/eval mode. A question whose topic is -1 (not in the graph) gets no KG
-input and the LM's states for it are exactly those of the plain LM.
+KG input (REFERENCE.md "QA"): the question's topic entity, its relation id (0 in the released
+data) and the topic's neighbours, gathered where batches are made
+(:class:`kgqa.batches.ClozeCollator`: a fresh random subset in training, the fixed first ones
+in evaluation). HittER runs in its representation mode (``HittER.encode``), its internal
+dropouts following its own train/eval mode. A question whose topic is -1 (not in the graph)
+gets no KG input and the LM's states for it are exactly those of the plain LM.
 
-Batches are dicts of tensors: ``input_ids`` (B, L), ``attention_mask`` (B, L), optional
-``token_type_ids`` (B, L), ``labels`` (B, L) (-100 except at the answer's [MASK] positions),
-``topic_entity`` (B,) (-1 = none; missing = no KG input) and ``relation`` (B,) (missing = 0).
-Other keys are ignored. The MLM head runs at the mask positions only.
+Batch keys (tensors): ``input_ids`` (B, L), ``attention_mask`` (B, L), optional
+``token_type_ids`` (B, L), ``labels`` (B, L) (-100 except at the answer's [MASK] positions;
+without labels the [MASK] tokens, :attr:`KGEnhancedLM.mask_token_id`), ``topic_entity`` (B,)
+(-1 = none; missing = no KG input), ``relation`` (B,) (missing = 0) and the neighbourhoods
+``kg_entities``, ``kg_relations``, ``kg_mask`` (B, N). Other keys are ignored. The MLM head
+runs at the mask positions only.
+
+:func:`build_model` is the one builder (pretrained LM + pretrained HittER + new adapters);
+:func:`load_qa_model` loads a saved QA model with its tokenizer and its graph's neighbourhoods.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from hitter_core.model import HittER, HittERConfig
+from hitter_core.config import HittERConfig
+from hitter_core.data import default_data_dir, load_kg
+from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.adapters import (
     CrossAttentionAdapter,
@@ -43,12 +51,8 @@ from kgqa.adapters import (
     check_layer_mapping,
     default_layer_mapping,
 )
-from kgqa.config import KGQAModelConfig, QATrainConfig, format_layer_mapping, parse_layer_mapping
+from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
 from kgqa.lm import resolve_lm
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "kgqa_config.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -63,61 +67,80 @@ class KGQAOutput(ModelOutput):
     rows: torch.Tensor | None = None
 
 
-class KGEnhancedLM(nn.Module):
-    """A BERT masked LM whose chosen layers cross-attend to HittER's context layers."""
+class KGEnhancedLM(PreTrainedModel):
+    """A BERT masked LM whose chosen layers cross-attend to HittER's context layers.
+
+    ``lm`` / ``hitter`` are pretrained modules to compose (:func:`build_model`); when absent
+    they are built, randomly initialised, from ``config.lm_config`` / ``config.kg_config``
+    (what ``from_pretrained`` does before loading the saved weights)."""
+
+    config_class = KGQAConfig
+    base_model_prefix = "kgqa"
 
     def __init__(
-        self,
-        config: KGQAModelConfig,
-        lm: BertForMaskedLM,
-        hitter: HittER | None = None,
-        neighbours: NeighbourIndex | None = None,
+        self, config: KGQAConfig, lm: BertForMaskedLM | None = None, hitter: HittER | None = None
     ) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        if lm is None:
+            if config.lm_config is None:
+                raise ValueError("KGQAConfig.lm_config is not set: use kgqa.model.build_model")
+            lm = BertForMaskedLM(BertConfig.from_dict(config.lm_config))
+        if hitter is None and config.kg_config is not None:
+            hitter = HittER(HittERConfig.from_dict(config.kg_config))
         self.lm = lm
         self.hitter = hitter
-        self.neighbours = neighbours
         self.context = KGContext()
         self.layer_mapping: dict[int, int] = {}
-        if hitter is None:
-            return
-        if neighbours is None:
-            raise ValueError("a KG-enhanced model needs the NeighbourIndex of HittER's graph")
-        num_lm, num_kg = lm.config.num_hidden_layers, hitter.config.num_context_layers
-        if config.layer_mapping is None:
-            self.layer_mapping = default_layer_mapping(num_lm, num_kg)
-        else:
-            self.layer_mapping = parse_layer_mapping(config.layer_mapping)
-        check_layer_mapping(self.layer_mapping, num_lm, num_kg)
-        attach_adapters(
-            lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size, lm.config,
-            self.context, config.adapter_dropout,
+        # The tokenizer's [MASK] id, set at run time from the tokenizer (build_model,
+        # load_qa_model): the mask positions of a batch without labels.
+        self.mask_token_id: int | None = None
+        if hitter is not None:
+            num_lm, num_kg = lm.config.num_hidden_layers, hitter.config.num_context_layers
+            if config.layer_mapping is None:
+                self.layer_mapping = default_layer_mapping(num_lm, num_kg)
+            else:
+                self.layer_mapping = parse_layer_mapping(config.layer_mapping)
+            check_layer_mapping(self.layer_mapping, num_lm, num_kg)
+            attach_adapters(
+                lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size, lm.config,
+                self.context, config.adapter_dropout,
+            )
+        self._freeze_kg()
+        # What was built, so that save_pretrained writes a self-contained config.
+        config.lm_config = lm.config.to_dict()
+        config.kg_config = None if hitter is None else hitter.config.to_dict()
+        config.layer_mapping = (
+            format_layer_mapping(self.layer_mapping) if hitter is not None else None
         )
-        if config.freeze_kg:
-            hitter.requires_grad_(False)
-            hitter.eval()
+        self.post_init()  # marks the composed pretrained modules' weights as initialised
 
-    @classmethod
-    def build(
-        cls, config: KGQAModelConfig, neighbours: NeighbourIndex | None = None
-    ) -> KGEnhancedLM:
-        """Pretrained LM (``config.lm``) + pretrained HittER (``config.kg_checkpoint``, if any)
-        + freshly initialised adapters."""
-        lm = BertForMaskedLM.from_pretrained(resolve_lm(config.lm))
-        hitter = None
-        if config.kg_checkpoint is not None:
-            hitter = HittER.from_pretrained(config.kg_checkpoint)
-        return cls(config, lm, hitter, neighbours)
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to do: the LM and HittER initialise themselves (or come pretrained) and
+        each adapter initialises itself as BERT does (kgqa.adapters)."""
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> KGQAOutput:
-        input_ids = batch["input_ids"]  # (B, L)
-        labels = batch.get("labels")
-        # (B, L) answer positions: labelled ones, or the [MASK] tokens when there are no labels.
-        positions = input_ids == self.config.mask_token_id if labels is None else labels != -100
-        states = self.encode_kg(batch.get("topic_entity"), batch.get("relation"))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        topic_entity: torch.Tensor | None = None,
+        relation: torch.Tensor | None = None,
+        kg_entities: torch.Tensor | None = None,
+        kg_relations: torch.Tensor | None = None,
+        kg_mask: torch.Tensor | None = None,
+        **_: Any,  # other batch keys (answer_entity, num_masks)
+    ) -> KGQAOutput:
+        if labels is not None:
+            positions = labels != -100  # (B, L) answer positions
+        elif self.mask_token_id is not None:
+            positions = input_ids == self.mask_token_id  # (B, L)
+        else:
+            raise ValueError("a batch without labels needs model.mask_token_id (the "
+                             "tokenizer's [MASK] id) to find the answer positions")
+        states = self.encode_kg(topic_entity, relation, kg_entities, kg_relations, kg_mask)
         if states is not None and any(
             getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()
         ):
@@ -126,9 +149,7 @@ class KGEnhancedLM(nn.Module):
             raise NotImplementedError("gradient checkpointing is not supported with KG input")
         with self.context.use(states):
             hidden = self.lm.bert(
-                input_ids=input_ids,
-                attention_mask=batch.get("attention_mask"),
-                token_type_ids=batch.get("token_type_ids"),
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             ).last_hidden_state  # (B, L, D)
         logits = self.lm.cls(hidden[positions])  # (M, V)
         rows = positions.nonzero()[:, 0]  # (M,)
@@ -139,25 +160,43 @@ class KGEnhancedLM(nn.Module):
         return out
 
     def encode_kg(
-        self, topic_entity: torch.Tensor | None, relation: torch.Tensor | None
+        self,
+        topic_entity: torch.Tensor | None,
+        relation: torch.Tensor | None,
+        kg_entities: torch.Tensor | None,
+        kg_relations: torch.Tensor | None,
+        kg_mask: torch.Tensor | None,
     ) -> KGStates | None:
         """HittER's context-layer outputs for the rows with a topic entity (None if no row
-        has one, or there is no HittER)."""
+        has one, or there is no HittER). Neighbourhoods are (B, N), padded with mask False."""
         if self.hitter is None or topic_entity is None:
             return None
         rows = (topic_entity >= 0).nonzero().squeeze(1)  # (B_kg,)
         if not len(rows):
             return None
-        sources = topic_entity[rows]
+        if kg_entities is None or kg_relations is None or kg_mask is None:
+            raise ValueError("questions with a topic entity need kg_entities, kg_relations "
+                             "and kg_mask (kgqa.batches.ClozeCollator gathers them)")
+        sources = topic_entity[rows]  # (B_kg,)
         relations = sources.new_zeros(len(rows)) if relation is None else relation[rows]
-        nbrs = self.neighbours.gather(
-            sources, self.config.max_neighbours, train=self.training
-        ).to(sources.device)  # (B_kg, N) each
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_kg):
             layers, mask = self.hitter.encode(
-                sources, relations, nbrs.entities, nbrs.relations, nbrs.mask
+                sources, relations, kg_entities[rows], kg_relations[rows], kg_mask[rows]
             )  # each (B_kg, 2+N, D_kg); (B_kg, 2+N)
         return KGStates(rows, layers, mask)
+
+    def _freeze_kg(self) -> None:
+        if self.hitter is not None and self.config.freeze_kg:
+            self.hitter.requires_grad_(False)
+            self.hitter.eval()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> KGEnhancedLM:
+        """``PreTrainedModel.from_pretrained``; a frozen HittER stays frozen (loading the
+        weights makes every parameter trainable again)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model._freeze_kg()
+        return model
 
     def train(self, mode: bool = True) -> KGEnhancedLM:
         super().train(mode)
@@ -165,74 +204,59 @@ class KGEnhancedLM(nn.Module):
             self.hitter.eval()  # frozen: no dropout either
         return self
 
-    # ------------------------------------------------------------------ optimisation
-
     def adapters(self) -> list[CrossAttentionAdapter]:
         return [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)]
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(adapter parameters, pretrained parameters), trainable ones only: the new
-        cross-attention modules and everything else (the LM, and HittER unless frozen)."""
-        adapter_ids = {id(p) for a in self.adapters() for p in a.parameters()}
-        new, pretrained = [], []
-        for p in self.parameters():  # tied weights appear once
-            if p.requires_grad:
-                (new if id(p) in adapter_ids else pretrained).append(p)
-        return new, pretrained
 
-    def optimizer_groups(self, train: QATrainConfig) -> list[dict]:
-        """AdamW parameter groups: adapters at ``lr_adapters``, the rest at ``lr_pretrained``;
-        weight decay on every parameter except biases and LayerNorm weights (REFERENCE.md)."""
-        no_decay = set()
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if name == "bias" or isinstance(module, nn.LayerNorm):
-                    no_decay.add(id(p))
-        groups = []
-        new, pretrained = self.parameter_groups()
-        for params, lr in ((new, train.lr_adapters), (pretrained, train.lr_pretrained)):
-            for decay in (True, False):
-                chosen = [p for p in params if (id(p) not in no_decay) == decay]
-                if chosen:
-                    wd = train.weight_decay if decay else 0.0
-                    groups.append({"params": chosen, "lr": lr, "weight_decay": wd})
-        return groups
+# ----------------------------------------------------------------------------- building
 
-    # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """``model.safetensors`` (all weights) + ``kgqa_config.json``: this model's config with
-        the layer mapping actually used, the LM's and HittER's configs."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = asdict(self.config)
-        config["layer_mapping"] = (
-            format_layer_mapping(self.layer_mapping) if self.hitter is not None else None
+def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
+    """The pretrained LM (``config.lm``) + the pretrained HittER (``config.kg_checkpoint``, if
+    any) + freshly initialised adapters. Returns the model and the names of the LM parameters
+    the LM checkpoint lacked (newly initialised: the MLM head of the offline MiniLM, never
+    bert-base-uncased's)."""
+    config = copy.deepcopy(config)  # the model fills in lm_config, kg_config, layer_mapping
+    lm, info = BertForMaskedLM.from_pretrained(resolve_lm(config.lm), output_loading_info=True)
+    missing = set(info["missing_keys"])
+    names: dict[int, list[str]] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):  # tied weights: several names
+        names.setdefault(id(p), []).append(name)
+    fresh = {f"lm.{ns[0]}" for ns in names.values() if all(n in missing for n in ns)}
+    hitter = None
+    if config.kg_checkpoint is not None:
+        hitter = HittER.from_pretrained(config.kg_checkpoint)
+    return KGEnhancedLM(config, lm, hitter), fresh
+
+
+def build_neighbour_index(
+    kg_config: dict[str, Any], data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> NeighbourIndex:
+    """The neighbour index of HittER's graph (``kg_config["dataset"]`` under ``data_dir``,
+    default $KGQA_DATA_DIR) in the order HittER was trained with (its neighbour-order seed);
+    cached under ``cache_dir``."""
+    hitter = HittERConfig.from_dict(kg_config)
+    kg = load_kg(Path(data_dir or default_data_dir()) / hitter.dataset)
+    if (hitter.num_entities, hitter.num_relations) != (kg.num_entities, kg.num_relations):
+        raise ValueError(
+            f"HittER has {hitter.num_entities} entities and {hitter.num_relations} relations, "
+            f"{kg.name} {kg.num_entities} and {kg.num_relations}"
         )
-        record = {
-            "format": FORMAT_VERSION,
-            "model": config,
-            "lm_config": self.lm.config.to_dict(),
-            "hitter_config": None if self.hitter is None else self.hitter.config.to_dict(),
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
-        save_model(self, str(directory / WEIGHTS_NAME))  # tied LM weights stored once
+    return NeighbourIndex.build(kg, seed=hitter.neighbour_order_seed, cache_dir=cache_dir)
 
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, neighbours: NeighbourIndex | None = None
-    ) -> KGEnhancedLM:
-        """Rebuild from :meth:`save_pretrained` output without touching the original LM or
-        HittER checkpoints; returned in eval mode. ``neighbours`` as for the constructor."""
-        directory = Path(directory)
-        record = json.loads((directory / CONFIG_NAME).read_text())
-        if record.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: format {record.get('format')}, "
-                             f"expected {FORMAT_VERSION}")
-        lm = BertForMaskedLM(BertConfig.from_dict(record["lm_config"]))
-        hitter = None
-        if record["hitter_config"] is not None:
-            hitter = HittER(HittERConfig.from_dict(record["hitter_config"]))
-        model = cls(KGQAModelConfig(**record["model"]), lm, hitter, neighbours)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True)
-        return model.eval()
+
+def load_qa_model(
+    model_dir: str | os.PathLike, data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[KGEnhancedLM, Any, NeighbourIndex | None]:
+    """A saved QA model (``save_pretrained`` directory, with its tokenizer) ready for use, in
+    eval mode: ``(model, tokenizer, neighbour_index)``; the index is None for a no-KG model.
+    Batches for it: :func:`kgqa.batches.make_batch`."""
+    model = KGEnhancedLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.mask_token_id = tokenizer.mask_token_id
+    index = None
+    if model.config.kg_config is not None:
+        index = build_neighbour_index(model.config.kg_config, data_dir, cache_dir)
+    return model, tokenizer, index

@@ -2,6 +2,11 @@
 
     python -m kgqa.prepare --data-dir $KGQA_DATA_DIR --out data/qa [--lm bert-base-uncased]
 
+This is the one path from the source files to training: :func:`load_qa_splits` (what
+``kgqa.train`` calls) reads the prepared splits from a cache directory, running
+:func:`prepare` there on first use (again when a source file, the dev fraction or the format
+changes); the command above writes the same files where a person wants to read them.
+
 Reads the sources listed in :mod:`kgqa.data` from ``--data-dir`` (never writes there) and the
 FreebaseQA pre-release ``freebaseqa/prerelease_2017/FreebaseQA-{dev,eval}.tab`` files, which are
 counted only (they differ slightly from the release). Writes
@@ -15,17 +20,23 @@ cloze datasets into ``OUT/cache/``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
 
+from hitter_core.checkpoint import write_dir_atomically
+from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
+from hitter_core.neighbours import default_cache_dir
+from kgqa.batches import build_cloze_dataset
 from kgqa.data import (
     DEV_FRACTION,
+    DEV_SALT,
     SOURCE_SPLITS,
     VARIANTS,
+    QAExample,
     QASources,
-    build_cloze_dataset,
     load_examples,
     prepared_file,
     qa_splits,
@@ -65,7 +76,7 @@ def prepare(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if out_dir.resolve().is_relative_to(data_dir.resolve()):
         raise ValueError(f"--out {out_dir} is inside the data directory {data_dir}")
-    kg = kg if kg is not None else load_kg(data_dir / "fb15k-237")
+    kg = kg if kg is not None else load_kg(data_dir / DEFAULT_KG)
     sources = read_sources(data_dir, kg)
     count_prerelease(data_dir, kg, sources)
     for dataset in SOURCE_SPLITS:
@@ -78,6 +89,57 @@ def prepare(
         path.write_text(json.dumps(by_file, indent=1) + "\n", encoding="utf-8")
     (out_dir / "counts.md").write_text(counts_table(sources, dev_fraction), encoding="utf-8")
     return sources
+
+
+PREPARED_FORMAT = 1  # bump when the prepared layout changes: invalidates cached splits
+
+
+def _prepared_key(data_dir: Path, dev_fraction: float) -> str:
+    """Hash of what the prepared splits depend on: every source file (path, size, mtime),
+    the dev fraction and salt, and :data:`PREPARED_FORMAT`."""
+    h = hashlib.sha256(f"qa-v{PREPARED_FORMAT}|{dev_fraction!r}|{DEV_SALT}|".encode())
+    for folder in (*SOURCE_SPLITS, DEFAULT_KG):
+        for path in sorted((data_dir / folder).rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(data_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_qa_splits(
+    data_dir: str | Path,
+    dataset: str,
+    variant: str,
+    dev_fraction: float = DEV_FRACTION,
+    cache_dir: str | Path | None = None,
+    kg: KnowledgeGraph | None = None,
+) -> dict[str, list[QAExample]]:
+    """Train / dev / test examples of one dataset and variant from the prepared splits under
+    ``cache_dir`` (default ~/.cache/hitter-kgqa), prepared there first if needed. Raises
+    FileNotFoundError (with the notes of :func:`prepare`) when train or test is missing."""
+    data_dir = Path(data_dir)
+    key = _prepared_key(data_dir, dev_fraction)
+    out = Path(cache_dir or default_cache_dir()) / "qa-splits" / key[:20]
+    if not (out / "counts.md").is_file():  # written last: a complete preparation
+        notes: list[str] = []
+
+        def write(tmp: Path) -> None:
+            notes.extend(prepare(data_dir, tmp, kg, dev_fraction).messages)
+            (tmp / "notes.txt").write_text("".join(f"{m}\n" for m in notes), encoding="utf-8")
+
+        write_dir_atomically(out, write)
+    splits = {}
+    for split in ("train", "dev", "test"):
+        path = prepared_file(out, dataset, variant, split)
+        if path.is_file():
+            splits[split] = load_examples(path)
+    missing = [s for s in ("train", "test") if s not in splits]
+    if missing:
+        notes_text = (out / "notes.txt").read_text(encoding="utf-8").strip().replace("\n", "; ")
+        raise FileNotFoundError(
+            f"{dataset} {variant}: no {' / '.join(missing)} split ({notes_text})"
+        )
+    return splits
 
 
 def _n(x: int | None) -> str:

@@ -9,29 +9,28 @@
 #
 #   KGQA_DATA_DIR=/path/to/data bash recipes/end_to_end.sh
 #
-# Settings (environment; defaults fit a 2-core machine in about 25 minutes, README "Main job"):
+# Hyper-parameters live in the presets: recipes/configs/cpu-small.yaml (stage 1) and
+# qa-webqsp-minilm-cpu.yaml / qa-webqsp-full-minilm-cpu.yaml (stage 2: MiniLM, HittER frozen,
+# the CPU learning rates, 6 / 2 epochs). Settings (environment; the defaults fit a 2-core
+# machine in about 25 minutes, README "Main job"):
 #   OUT                  output root [runs/end_to_end]
-#   KG_STEPS             cap on HittER training steps of 1,024 triples (train.max_steps);
-#                        empty: the whole cpu-small preset (3 epochs, 798 steps) []
-#   QA_EPOCHS_FILTERED   fine-tuning epochs on WebQSP filtered [see below]
-#   QA_EPOCHS_FULL       fine-tuning epochs on WebQSP full [see below]
-#   QA_LR_ADAPTERS, QA_LR_PRETRAINED  learning rates of the short CPU runs [see below]
-#   QA_KG_MODE           frozen | co-trained [frozen]
+#   KG_STEPS             cap on HittER training steps of 1,024 triples (train.max_steps, smoke
+#                        runs); empty: the whole cpu-small preset (3 epochs, 798 steps) []
 #   SEEDS, SEED          seeds per QA setting and the first one [1, 333]
-#   QA_EXTRA             more kgqa.train arguments, e.g. "--max_train_examples 32" (smoke runs)
+#   QA_EXTRA             more kgqa.train overrides, e.g. "train.max_train_examples=32" (smoke
+#                        runs) or "model.freeze_kg=false" (HittER co-trained)
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "end_to_end.sh takes no arguments (settings are environment variables; see --help)" >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/end_to_end}"
 KG_STEPS="${KG_STEPS:-}"
-QA_EPOCHS_FILTERED="${QA_EPOCHS_FILTERED:-6}"
-QA_EPOCHS_FULL="${QA_EPOCHS_FULL:-2}"
-# MiniLM ships without a masked-LM head: with the paper's 5e-5 / 5e-6 and a few epochs its
-# fresh head learns almost nothing, so the short CPU runs use 10x the paper's rates.
-QA_LR_ADAPTERS="${QA_LR_ADAPTERS:-5e-4}"
-QA_LR_PRETRAINED="${QA_LR_PRETRAINED:-5e-5}"
-QA_KG_MODE="${QA_KG_MODE:-frozen}"
 SEEDS="${SEEDS:-1}"
 SEED="${SEED:-333}"
 read -r -a qa_extra <<<"${QA_EXTRA:-}"
@@ -48,24 +47,16 @@ echo "== stage 1: HittER cpu-small on FB15K-237${KG_STEPS:+, at most $KG_STEPS s
 bash recipes/pretrain_kg.sh --preset cpu-small --output-dir "$OUT/hitter" "${kg_args[@]}"
 echo "== stage 1 done after $(elapsed)"
 
-freeze=()
-case "$QA_KG_MODE" in
-  frozen) freeze=(--freeze-kg) ;;
-  co-trained) ;;
-  *) echo "QA_KG_MODE must be frozen or co-trained" >&2; exit 2 ;;
-esac
 for split in filtered full; do
-  epochs=$QA_EPOCHS_FILTERED
-  [[ $split == full ]] && epochs=$QA_EPOCHS_FULL
+  preset=qa-webqsp-minilm-cpu
+  [[ $split == full ]] && preset=qa-webqsp-full-minilm-cpu
   for kg in none "$OUT/hitter/best"; do
     tag=nokg
     [[ $kg != none ]] && tag=hitter
-    echo "== stage 2: WebQSP $split, MiniLM, KG $tag, $epochs epochs ($(elapsed) so far)"
+    echo "== stage 2: WebQSP $split, preset $preset, KG $tag ($(elapsed) so far)"
     log="$OUT/qa-$split-$tag.log"
-    bash recipes/finetune_qa.sh --dataset webqsp --split "$split" --lm minilm \
-      --kg-checkpoint "$kg" "${freeze[@]}" --seeds "$SEEDS" --seed "$SEED" \
-      --out "$OUT/qa/webqsp-$split-$tag" -- --epochs "$epochs" \
-      --lr_adapters "$QA_LR_ADAPTERS" --lr_pretrained "$QA_LR_PRETRAINED" "${qa_extra[@]}" \
+    bash recipes/finetune_qa.sh --preset "$preset" --kg-checkpoint "$kg" \
+      --seeds "$SEEDS" --seed "$SEED" --out "$OUT/qa/webqsp-$split-$tag" -- "${qa_extra[@]}" \
       >"$log" 2>&1 || { tail -n 30 "$log"; exit 1; }
     grep -E "test accuracy" "$log" || true
   done

@@ -5,36 +5,37 @@
 #
 #   bash recipes/finetune_qa.sh --dataset webqsp --split filtered \
 #       --kg-checkpoint runs/hitter-fb15k-237/best --seeds 5
-#   bash recipes/finetune_qa.sh --dataset webqsp --split filtered --lm minilm \
-#       --kg-checkpoint none --seeds 3 -- --epochs 5        # CPU, no-KG baseline
+#   bash recipes/finetune_qa.sh --preset qa-webqsp-minilm-cpu --kg-checkpoint none \
+#       --seeds 3 -- train.epochs=5                          # CPU, no-KG baseline
 #
-# Options (defaults in brackets):
-#   --dataset webqsp|freebaseqa   [webqsp]
-#   --split full|filtered         [filtered]
+# Options (defaults in brackets; unset ones come from the preset):
+#   --preset NAME|FILE            recipes/configs/<NAME>.yaml or a YAML file [qa-paper]
+#   --dataset webqsp|freebaseqa   train.dataset
+#   --split full|filtered         train.split
 #   --kg-checkpoint DIR|none      HittER checkpoint (save_pretrained dir) or none [none]
-#   --freeze-kg                   keep HittER frozen (default: co-trained at lr_pretrained)
+#   --freeze-kg                   keep HittER frozen (model.freeze_kg=true)
 #   --seeds N                     runs with seeds SEED, SEED+1, ..., SEED+N-1 [1]
 #   --seed SEED                   first seed [333]
-#   --lm NAME|DIR                 bert-base-uncased, or minilm (offline, CPU) [bert-base-uncased]
+#   --lm NAME|DIR                 model.lm: bert-base-uncased, or minilm (offline, CPU)
 #   --nproc N                     processes (GPUs) per run [1]
-#   --out DIR                     runs go to DIR/seed<seed> [runs/qa/<dataset>-<split>-<lm>-<kg>]
-#   -- ARGS...                    passed to every kgqa.train run (python -m kgqa.train --help),
-#                                 e.g. -- --epochs 5 --zero_stage 1
+#   --out DIR                     runs go to DIR/seed<seed> [runs/qa/<preset>-<kg>]
+#   -- OVERRIDES...               section.key=value overrides for every kgqa.train run
+#                                 (python -m kgqa.train --help), e.g. -- train.epochs=5
 # Environment: PYTHON [python] (the interpreter with the project installed), KGQA_DATA_DIR
 # (data root), TORCH_EXTENSIONS_DIR (where DeepSpeed builds its CPU communication op once).
 set -euo pipefail
 
-dataset=webqsp split=filtered kg=none freeze=0 seeds=1 seed=333 lm=bert-base-uncased nproc=1
-out="" extra=()
+preset=qa-paper kg=none freeze=0 seeds=1 seed=333 nproc=1 out="" extra=() sets=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --dataset) dataset="$2"; shift 2 ;;
-    --split) split="$2"; shift 2 ;;
+    --preset) preset="$2"; shift 2 ;;
+    --dataset) sets+=("train.dataset=$2"); shift 2 ;;
+    --split) sets+=("train.split=$2"); shift 2 ;;
     --kg-checkpoint) kg="$2"; shift 2 ;;
     --freeze-kg) freeze=1; shift ;;
     --seeds) seeds="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
-    --lm) lm="$2"; shift 2 ;;
+    --lm) sets+=("model.lm=$2"); shift 2 ;;
     --nproc) nproc="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
@@ -42,28 +43,25 @@ while [[ $# -gt 0 ]]; do
     *) echo "finetune_qa.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$dataset" in webqsp|freebaseqa) ;; *) echo "unknown --dataset $dataset" >&2; exit 2 ;; esac
-case "$split" in full|filtered) ;; *) echo "unknown --split $split" >&2; exit 2 ;; esac
 
 PYTHON="${PYTHON:-python}"
-kg_args=() kg_tag=nokg
+kg_tag=nokg
 if [[ "$kg" != none ]]; then
   [[ -f "$kg/config.json" ]] || { echo "no HittER checkpoint at $kg" >&2; exit 2; }
-  kg_args=(--kg_checkpoint "$kg") kg_tag=hitter
-  if [[ $freeze == 1 ]]; then kg_args+=(--freeze_kg); kg_tag=hitter-frozen; fi
+  sets+=("model.kg_checkpoint=$kg") kg_tag=hitter
+  if [[ $freeze == 1 ]]; then sets+=(model.freeze_kg=true); kg_tag=hitter-frozen; fi
 fi
-out="${out:-runs/qa/$dataset-$split-$(basename "$lm")-$kg_tag}"
+out="${out:-runs/qa/$(basename "$preset" .yaml)-$kg_tag}"
 mkdir -p "$out"
 
 for ((i = 0; i < seeds; i++)); do
   s=$((seed + i))
   # A free port per run: other jobs on the machine may hold the launcher's default (29500).
   port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  echo "== $dataset $split, lm $lm, kg $kg_tag, seed $s -> $out/seed$s"
+  echo "== preset $preset, kg $kg_tag, seed $s -> $out/seed$s"
   "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
-    --module kgqa.train \
-    --dataset "$dataset" --split "$split" --lm "$lm" "${kg_args[@]}" --seed "$s" \
-    --output_dir "$out/seed$s" "${extra[@]}"
+    --module kgqa.train --preset "$preset" --output-dir "$out/seed$s" \
+    "${sets[@]}" "train.seed=$s" "${extra[@]}"
 done
 
 "$PYTHON" -m kgqa.evaluate report "$out" --out "$out"

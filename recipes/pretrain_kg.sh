@@ -6,9 +6,10 @@
 #        [--data-dir DIR] [--output-dir DIR] [section.key=value ...]
 #
 # --nproc: processes on this node (default: the number of visible GPUs, else 1 CPU process).
-# Every other argument goes to `python -m hitter_core.train` (see its --help); the output
-# directory is the preset's train.output_dir unless overridden; relative paths are relative
-# to the current directory. Environment:
+# Every other argument goes to `python -m hitter_core.train` (see its --help). The output
+# directory is --output-dir, else runs/hitter-<preset name> (the presets' own train.output_dir),
+# always passed on explicitly; relative paths are relative to the current directory. The
+# trainer prints the test table at the end (also in OUTPUT_DIR/test_metrics.txt). Environment:
 #   PYTHON                  the interpreter with the project installed (default: python)
 #   LAUNCHER=torchrun       torchrun --standalone instead of the deepspeed launcher (same code)
 #   DEEPSPEED_ARGS="..."    extra deepspeed-launcher arguments, e.g. "--hostfile hosts"
@@ -20,6 +21,7 @@ set -euo pipefail
 PYTHON=${PYTHON:-python}
 preset=""
 nproc=""
+output_dir=""
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -27,7 +29,9 @@ while [[ $# -gt 0 ]]; do
     --preset=*) preset="${1#*=}"; shift ;;
     --nproc) nproc="$2"; shift 2 ;;
     --nproc=*) nproc="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --output-dir) output_dir="$2"; shift 2 ;;
+    --output-dir=*) output_dir="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -39,11 +43,11 @@ if [[ -z "$nproc" ]]; then
   nproc=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 
-train_args=(--preset "$preset" "${args[@]}")
-# The trainer's own parser resolves the output directory (preset < overrides < --output-dir).
-output_dir=$("$PYTHON" -c \
-  "import sys; from hitter_core.train import parse_args; print(parse_args(sys.argv[1:])[1].output_dir)" \
-  "${train_args[@]}")
+if [[ -z "$output_dir" ]]; then
+  name=$(basename "$preset")
+  output_dir="runs/hitter-${name%.y*ml}"
+fi
+train_args=(--preset "$preset" --output-dir "$output_dir" "${args[@]}")
 mkdir -p "$output_dir"
 echo "pretrain_kg: preset $preset, $nproc process(es), output $output_dir"
 
@@ -58,5 +62,4 @@ else
     --module hitter_core.train "${train_args[@]}"
 fi
 
-echo
-cat "$output_dir/test_metrics.txt"
+echo "pretrain_kg: done; run directory $output_dir (test table in test_metrics.txt)"

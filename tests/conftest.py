@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from hitter_core.data import DATA_DIR_ENV
 
@@ -48,3 +49,13 @@ def minilm_path() -> str:
     from kgqa.lm import resolve_lm
 
     return resolve_lm("minilm")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: results that do not depend on the core count (reduction order),
+    tiny ops at their fastest, and no oversubscription on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

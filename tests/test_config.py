@@ -1,19 +1,26 @@
 """Run configuration (hitter_core/config.py): presets, overrides, errors, save/restore."""
 
+import argparse
 import dataclasses
+from typing import Literal
 
 import pytest
 import torch
 import yaml
 
+from hitter_core.cli import add_config_arguments, run_cli
 from hitter_core.config import (
     PRESET_DIR,
+    RUN_CONFIG_NAME,
+    HittERConfig,
     TrainConfig,
-    config_to_dict,
     load_config,
+    load_sections,
     save_config,
+    save_sections,
+    sections_to_dict,
 )
-from hitter_core.model import HittER, HittERConfig
+from hitter_core.model import HittER
 
 PRESETS = ("fb15k-237", "wn18rr", "cpu-small")
 
@@ -63,14 +70,17 @@ def test_overrides_apply_with_types():
         "wn18rr",
         ["model.hidden_size=64", "model.num_attention_heads=4", "train.lr=1",
          "train.max_steps=5", "model.use_context=false", "train.data_dir=/tmp/x",
-         "model.dim=128"],
+         "model.hidden_size=128"],
     )
-    assert model.hidden_size == 128  # the alias "dim", applied last
+    assert model.hidden_size == 128  # the last override wins
     assert model.use_context is False and model.max_neighbours == 12  # preset kept
     assert train.lr == 1.0 and isinstance(train.lr, float)
     assert train.max_steps == 5 and train.data_dir == "/tmp/x"
     _, train = load_config("fb15k-237", ["train.max_steps=null"])
     assert train.max_steps is None
+    # PyYAML (YAML 1.1) reads "5e-3" as a string; a float field takes it as the number.
+    _, train = load_config("fb15k-237", ["train.lr=5e-3"])
+    assert train.lr == 0.005
 
 
 @pytest.mark.parametrize(
@@ -108,12 +118,62 @@ def test_unknown_key_or_section_in_yaml(tmp_path):
 
 def test_save_and_restore_resolved_config(tmp_path):
     model, train = load_config("wn18rr", ["train.seed=7", "model.hidden_size=64"])
-    path = tmp_path / "config.yaml"
+    path = tmp_path / RUN_CONFIG_NAME
     save_config(path, model, train)
     saved = yaml.safe_load(path.read_text())
     assert saved["train"]["seed"] == 7 and saved["model"]["hidden_size"] == 64
     assert "max_neighbours" in saved["model"] and "id2label" not in saved["model"]
     model2, train2 = load_config(path)
     assert train2 == train
-    assert config_to_dict(model2, train2) == config_to_dict(model, train)
+    assert sections_to_dict({"model": model2, "train": train2}) == sections_to_dict(
+        {"model": model, "train": train})
     assert dataclasses.asdict(train2)["seed"] == 7
+
+
+# ---------------------------------------------------------------- other sections (kgqa's use)
+
+
+@dataclasses.dataclass
+class _Plain:
+    """A plain dataclass section, as kgqa's, with its own validation."""
+
+    name: str = "a"
+    rate: float = 0.5
+    count: int | None = None
+    mode: Literal["x", "y"] = "x"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate}")
+
+
+def test_load_sections_with_plain_dataclasses(tmp_path):
+    schema = {"model": HittERConfig, "qa": _Plain}
+    preset = tmp_path / "p.yaml"
+    preset.write_text("qa:\n  rate: 1\n  mode: y\n")
+    configs = load_sections(schema, preset, ["qa.name=2024", "qa.count=3", "model.hidden_size=64"])
+    qa = configs["qa"]
+    assert (qa.name, qa.rate, qa.count, qa.mode) == ("2024", 1.0, 3, "y")
+    assert isinstance(qa.rate, float) and configs["model"].hidden_size == 64
+    save_sections(tmp_path / RUN_CONFIG_NAME, configs)
+    assert load_sections(schema, tmp_path / RUN_CONFIG_NAME) == configs
+    for override, words in [("qa.rat=0.1", "did you mean qa.rate"), ("qa.mode=z", "qa.mode"),
+                            ("qa.count=x", "qa.count"), ("qa.rate=2", "rate must be in")]:
+        with pytest.raises(ValueError, match=words):
+            load_sections(schema, None, [override])
+
+
+def _main(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, default_preset="cpu-small")
+    args = parser.parse_intermixed_args(argv)
+    return load_config(args.preset, args.overrides)
+
+
+def test_cli_mistake_is_one_line(capsys):
+    assert run_cli(_main, ["train.lr=0.5", "--preset", "wn18rr"]) == 0
+    assert run_cli(_main, ["train.lrr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: override: unknown key 'train.lrr'; did you mean train.lr?\n"
+    assert run_cli(_main, ["--preset", "no-such"]) == 2
+    assert capsys.readouterr().err.startswith("error: no preset 'no-such' (available: ")

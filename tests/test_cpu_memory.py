@@ -1,50 +1,42 @@
-"""hitter_core.cpu_memory: after keep_freed_memory, large blocks come from the heap and stay."""
+"""hitter_core.cpu_memory: only entry points change the allocator, on CPU, unless told not to."""
 
 import platform
-import subprocess
-import sys
 
 import pytest
 
+from hitter_core import evaluate
+from hitter_core import train as train_module
 from hitter_core.cpu_memory import keep_freed_memory
-
-# Run in a child process: the setting lasts for the rest of the process.
-PROBE = """
-import ctypes
-import torch
-from hitter_core.cpu_memory import keep_freed_memory
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-
-def mmapped_and_heap_after_a_64_mib_tensor():
-    t = torch.ones(16 * 2**20)  # 64 MiB, above glibc's largest mmap threshold
-    info = libc.mallinfo2()
-    del t
-    return info.hblkhd, libc.mallinfo2().arena
-
-before = mmapped_and_heap_after_a_64_mib_tensor()
-assert keep_freed_memory()
-after = mmapped_and_heap_after_a_64_mib_tensor()
-print(before[0], after[0], after[1])
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_large_blocks_come_from_the_heap_and_are_kept():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True).stdout.split()
-    mmapped_before, mmapped_after, heap_after_free = map(int, out)
-    assert mmapped_before >= 64 * 2**20  # glibc's default: an mmap of its own
-    assert mmapped_after < 64 * 2**20  # now from the heap ...
-    assert heap_after_free >= 64 * 2**20  # ... which keeps it once freed
 
 
 def test_returns_false_without_glibc(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert keep_freed_memory() is False
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records keep_freed_memory calls of the entry points; nothing trains or evaluates."""
+    seen = []
+    for module in (train_module, evaluate):
+        monkeypatch.setattr(module, "keep_freed_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "destroy_distributed", lambda: None)
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: {"dataset": "x"})
+    monkeypatch.setattr(evaluate, "format_table", lambda *a, **k: "")
+    return seen
+
+
+def test_train_entry_point_applies_the_switch_per_flag(calls):
+    train_module.main(["--preset", "cpu-small", "train.device=cpu"])
+    assert calls == [1]
+    train_module.main(["--preset", "cpu-small", "train.device=cpu", "--no-keep-freed-memory"])
+    train_module.main(["--preset", "cpu-small", "train.device=cuda"])
+    assert calls == [1]
+
+
+def test_evaluate_entry_point_applies_the_switch_per_flag(calls):
+    evaluate.main(["ckpt", "--device", "cpu"])
+    assert calls == [1]
+    evaluate.main(["ckpt", "--device", "cpu", "--no-keep-freed-memory"])
+    assert calls == [1]

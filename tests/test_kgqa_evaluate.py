@@ -57,12 +57,12 @@ def test_metric_rejects_empty_and_misaligned(metric):
 
 
 class StubLM(nn.Module):
-    """Predicts ``batch["guess"]`` at the labelled positions (one-hot logits over V=10)."""
+    """Predicts the batch's ``guess`` at the labelled positions (one-hot logits over V=10)."""
 
-    def forward(self, batch):
-        positions = batch["labels"] != -100  # (B, L)
-        logits = nn.functional.one_hot(batch["guess"][positions], 10).float()  # (M, V)
-        return KGQAOutput(logits=logits, labels=batch["labels"][positions],
+    def forward(self, labels, guess, **_):
+        positions = labels != -100  # (B, L)
+        logits = nn.functional.one_hot(guess[positions], 10).float()  # (M, V)
+        return KGQAOutput(logits=logits, labels=labels[positions],
                           rows=positions.nonzero()[:, 0])
 
 

@@ -1,6 +1,7 @@
-"""KG-enhanced masked LM (kgqa/model.py, kgqa/adapters.py, kgqa/config.py): the layer mapping,
-equivalence with the stock BertForMaskedLM when no KG input flows, padding invariance, frozen
-vs co-trained HittER, parameter groups, save/load and a few questions overfitted.
+"""KG-enhanced masked LM (kgqa/model.py, kgqa/adapters.py, kgqa/config.py, kgqa/batches.py):
+the layer mapping, equivalence with the stock BertForMaskedLM when no KG input flows, padding
+invariance, neighbourhoods drawn where batches are made, frozen vs co-trained HittER, parameter
+groups, save_pretrained / from_pretrained round trips and a few questions overfitted.
 
 The LM is the offline MiniLM (6 layers, width 384; its MLM head is freshly initialised, so
 every model here is deep-copied from one loaded LM to share that head); HittER is a tiny
@@ -14,11 +15,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
-from hitter_core.model import HittER, HittERConfig
+from hitter_core.config import HittERConfig
+from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.adapters import CrossAttentionAdapter, KGAttention, default_layer_mapping
-from kgqa.config import KGQAModelConfig, QATrainConfig, format_layer_mapping, parse_layer_mapping
-from kgqa.model import CONFIG_NAME, KGEnhancedLM
+from kgqa.batches import ClozeCollator, make_batch
+from kgqa.config import KGQAConfig, QATrainConfig, format_layer_mapping, parse_layer_mapping
+from kgqa.model import KGEnhancedLM, build_model
+from kgqa.qa_readers import QAExample
+from kgqa.train import optimizer_groups
 
 E, R = 30, 4  # tiny graph
 
@@ -52,39 +57,29 @@ def tiny_hitter(context_layers: int = 6, seed: int = 0) -> HittER:
 def make_model(base_lm, neighbours, kg=True, **config) -> KGEnhancedLM:
     torch.manual_seed(1)  # adapter init
     hitter = tiny_hitter() if kg else None
-    model = KGEnhancedLM(
-        KGQAModelConfig(lm="minilm", **config), copy.deepcopy(base_lm), hitter,
-        neighbours if kg else None,
-    )
+    model = KGEnhancedLM(KGQAConfig(lm="minilm", **config), copy.deepcopy(base_lm), hitter)
     return model.eval()
 
 
-def cloze_batch(tokenizer, questions, answers, topics):
-    """RawQuestion + [MASK] * pieces(answer) + "." with the pieces as labels."""
-    texts, pieces = [], []
-    for q, a in zip(questions, answers, strict=True):
-        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
-        pieces.append(ids)
-        texts.append(f"{q} {' '.join([tokenizer.mask_token] * len(ids))}.")
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    labels = torch.full_like(enc["input_ids"], -100)
-    for i, ids in enumerate(pieces):
-        at = (enc["input_ids"][i] == tokenizer.mask_token_id).nonzero().squeeze(1)
-        labels[i, at] = torch.tensor(ids)
-    return {
-        **enc, "labels": labels, "topic_entity": torch.tensor(topics),
-        "relation": torch.zeros(len(topics), dtype=torch.long),
-    }
+def cloze_batch(tokenizer, questions, answers, topics, neighbours=None, max_neighbours=50):
+    """RawQuestion + [MASK] * pieces(answer) + "." with the pieces as labels, and the topics'
+    first neighbours (kgqa.batches.make_batch, the helper users have)."""
+    examples = [
+        QAExample(f"q{i}", q, None if t < 0 else t, a, None)
+        for i, (q, a, t) in enumerate(zip(questions, answers, topics, strict=True))
+    ]
+    return make_batch(examples, tokenizer, neighbours, max_neighbours)
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
+def batch(tokenizer, neighbours):
     return cloze_batch(
         tokenizer,
         ["what is the capital of france?", "who wrote hamlet?", "where was obama born?",
          "what language do they speak in brazil?"],
         ["paris", "william shakespeare", "honolulu", "portuguese"],
         [3, -1, 7, 12],
+        neighbours,
     )
 
 
@@ -93,7 +88,7 @@ def stock_logits(base_lm, batch):
     with torch.no_grad():
         logits = base_lm(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
+            token_type_ids=batch.get("token_type_ids"),
         ).logits  # (B, L, V)
     return logits[batch["labels"] != -100]
 
@@ -155,7 +150,7 @@ def test_explicit_mapping_places_the_adapters(base_lm, neighbours):
 def test_baseline_equals_stock_lm_at_mask_positions(base_lm, neighbours, batch):
     model = make_model(base_lm, neighbours, kg=False)
     with torch.no_grad():
-        out = model(batch)
+        out = model(**batch)
     expected = stock_logits(base_lm, batch)
     assert out.logits.shape == expected.shape
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
@@ -164,8 +159,8 @@ def test_baseline_equals_stock_lm_at_mask_positions(base_lm, neighbours, batch):
 def test_no_kg_rows_are_unchanged_in_a_mixed_batch(base_lm, neighbours, batch):
     model = make_model(base_lm, neighbours)
     with torch.no_grad():
-        out = model(batch)
-        none = model({**batch, "topic_entity": torch.full((4,), -1)})
+        out = model(**batch)
+        none = model(**{**batch, "topic_entity": torch.full((4,), -1)})
     expected = stock_logits(base_lm, batch)
     torch.testing.assert_close(none.logits, expected, rtol=1e-5, atol=1e-5)  # adapters idle
     plain = batch["topic_entity"][out.rows] < 0  # (M,) positions of the no-KG question
@@ -182,11 +177,13 @@ def test_kg_padding_changes_nothing(base_lm, neighbours, batch):
     small, big = int(degrees.argmin()), int(degrees.argmax())
     assert degrees[small] < degrees[big]
     model = make_model(base_lm, neighbours)
+    collate = ClozeCollator(0, neighbours, max_neighbours=50)
     one = {k: v[:1] for k, v in batch.items()}
     two = {k: v[:1].repeat(2, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+    one_topic, two_topics = torch.tensor([small]), torch.tensor([small, big])
     with torch.no_grad():
-        alone = model({**one, "topic_entity": torch.tensor([small])}).logits
-        padded = model({**two, "topic_entity": torch.tensor([small, big])})
+        alone = model(**{**one, "topic_entity": one_topic, **collate.gather(one_topic)}).logits
+        padded = model(**{**two, "topic_entity": two_topics, **collate.gather(two_topics)})
     torch.testing.assert_close(padded.logits[padded.rows == 0], alone, rtol=1e-4, atol=1e-4)
 
 
@@ -202,32 +199,28 @@ def test_adapter_masks_kg_padding():
     assert not torch.allclose(adapter(x, kg, mask), adapter(x, noisy, torch.ones_like(mask)))
 
 
-def test_kg_input_follows_train_and_eval_mode(base_lm, neighbours):
-    """Evaluation: the fixed first ``max_neighbours`` of the topic; training: a fresh random
-    subset each call (HittER's dropouts are off here, so only the neighbours can differ)."""
+def test_neighbourhoods_follow_train_and_eval_batches(neighbours):
+    """Evaluation batches: the fixed first ``max_neighbours`` of the topic; training batches:
+    a fresh random subset each call, reproducible from the collator's seed. Rows without a
+    topic get only padding."""
     hub = int(neighbours.degrees().argmax())
     assert neighbours.degrees()[hub] > 6
-    torch.manual_seed(1)
-    hitter = HittER(HittERConfig(
-        num_entities=E, num_relations=R, hidden_size=32, num_attention_heads=4,
-        intermediate_size=64, num_entity_layers=1, num_context_layers=2,
-        attention_dropout=0.0, hidden_dropout=0.0,
-    ))
-    model = KGEnhancedLM(KGQAModelConfig(max_neighbours=3), copy.deepcopy(base_lm), hitter,
-                         neighbours)
-    topics, relations = torch.tensor([-1, hub, -1]), torch.zeros(3, dtype=torch.long)
+    topics = torch.tensor([-1, hub, -1])
 
-    def kg_tokens():
-        states = model.encode_kg(topics, relations)
-        assert states.rows.tolist() == [1] and states.mask.shape == (1, 2 + 3)
-        return states.layers[-1][0].flatten()  # (5 D_kg,) [GCLS, source, 3 neighbours]
+    def draws(collate, n=4):
+        return [collate.gather(topics) for _ in range(n)]
 
-    model.eval()
-    torch.testing.assert_close(kg_tokens(), kg_tokens())
-    model.train()
-    torch.manual_seed(0)
-    draws = torch.stack([kg_tokens() for _ in range(4)])  # (4, 5 D_kg)
-    assert (draws[1:] - draws[0]).abs().amax(dim=1).max() > 1e-2
+    fixed = draws(ClozeCollator(0, neighbours, max_neighbours=3))
+    assert fixed[0]["kg_mask"].tolist() == [[False] * 3, [True] * 3, [False] * 3]
+    first = neighbours.neighbours_of(hub)[0][:3]
+    assert fixed[0]["kg_entities"][1].tolist() == first.tolist()
+    assert all(torch.equal(d["kg_entities"], fixed[0]["kg_entities"]) for d in fixed)
+    train = draws(ClozeCollator(0, neighbours, max_neighbours=3, train=True, seed=5))
+    again = draws(ClozeCollator(0, neighbours, max_neighbours=3, train=True, seed=5))
+    assert len({tuple(d["kg_entities"][1].tolist()) for d in train}) > 1  # fresh draws
+    for x, y in zip(train, again, strict=True):  # seeded: reproducible
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not train[0]["kg_mask"][[0, 2]].any()
 
 
 # ---------------------------------------------------------------------- outputs
@@ -235,9 +228,10 @@ def test_kg_input_follows_train_and_eval_mode(base_lm, neighbours):
 
 def test_logits_only_at_mask_positions(base_lm, neighbours, batch, tokenizer):
     model = make_model(base_lm, neighbours)
+    model.mask_token_id = tokenizer.mask_token_id  # set from the tokenizer at run time
     with torch.no_grad():
-        out = model(batch)
-        unlabelled = model({k: v for k, v in batch.items() if k != "labels"})
+        out = model(**batch)
+        unlabelled = model(**{k: v for k, v in batch.items() if k != "labels"})
     pieces = [len(tokenizer(a, add_special_tokens=False)["input_ids"])
               for a in ["paris", "william shakespeare", "honolulu", "portuguese"]]
     assert out.logits.shape == (sum(pieces), base_lm.config.vocab_size)
@@ -255,25 +249,26 @@ def test_logits_only_at_mask_positions(base_lm, neighbours, batch, tokenizer):
 def test_frozen_or_cotrained_hitter(base_lm, neighbours, batch, freeze_kg):
     model = make_model(base_lm, neighbours, freeze_kg=freeze_kg).train()
     assert model.hitter.training is not freeze_kg  # frozen HittER stays in eval mode
-    model(batch).loss.backward()
+    model(**batch).loss.backward()
     hitter_params = list(model.hitter.parameters())
     got_grad = [p.grad is not None and p.grad.abs().sum() > 0 for p in hitter_params]
     assert not any(got_grad) if freeze_kg else any(got_grad)
     assert all(p.grad is not None for a in model.adapters() for p in a.parameters())
 
-    new, pretrained = model.parameter_groups()
-    ids = lambda params: {id(p) for p in params}  # noqa: E731
-    assert ids(new) == ids(p for a in model.adapters() for p in a.parameters())
-    assert not ids(new) & ids(pretrained)
-    assert ids(model.lm.bert.encoder.layer[0].parameters()) <= ids(pretrained)
-    assert bool(ids(hitter_params) & ids(pretrained)) is not freeze_kg
-    assert (ids(new) | ids(pretrained)) == ids(p for p in model.parameters() if p.requires_grad)
+    train = QATrainConfig()
+    lr_of = {id(p): g["lr"] for g in optimizer_groups(model, train) for p in g["params"]}
+    adapters = {id(p) for a in model.adapters() for p in a.parameters()}
+    assert adapters and all(lr_of[i] == train.lr_adapters for i in adapters)
+    assert all(lr_of[id(p)] == train.lr_pretrained
+               for p in model.lm.bert.encoder.layer[0].parameters())
+    assert bool(set(map(id, hitter_params)) & set(lr_of)) is not freeze_kg
+    assert set(lr_of) == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_optimizer_groups(base_lm, neighbours):
     model = make_model(base_lm, neighbours)
     train = QATrainConfig()
-    groups = model.optimizer_groups(train)
+    groups = optimizer_groups(model, train)
     adapter = model.adapters()[0]
     by_param = {id(p): g for g in groups for p in g["params"]}
     assert by_param[id(adapter.query.weight)]["lr"] == train.lr_adapters == 5e-5
@@ -290,32 +285,59 @@ def test_optimizer_groups(base_lm, neighbours):
 # ---------------------------------------------------------------------- persistence
 
 
-def test_save_load_round_trip(base_lm, neighbours, batch, tmp_path):
-    tiny_hitter().save_pretrained(tmp_path / "hitter")
-    config = KGQAModelConfig(lm="minilm", kg_checkpoint=str(tmp_path / "hitter"),
-                             layer_mapping="4:3,6:6", freeze_kg=True)
-    model = KGEnhancedLM.build(config, neighbours).eval()
-    model.save_pretrained(tmp_path / "qa")
-    loaded = KGEnhancedLM.from_pretrained(tmp_path / "qa", neighbours)
-    assert not loaded.training and loaded.layer_mapping == {4: 3, 6: 6}
+@pytest.mark.parametrize("kg", [True, False])
+def test_save_pretrained_round_trips_exactly(neighbours, batch, tokenizer, tmp_path, kg):
+    """The standard save_pretrained / from_pretrained: same logits bit for bit, the layer
+    mapping actually used and the freeze flag kept, tied LM weights tied again."""
+    overrides = {}
+    if kg:
+        tiny_hitter().save_pretrained(tmp_path / "hitter")
+        overrides = dict(kg_checkpoint=str(tmp_path / "hitter"), layer_mapping="4:3,6:6",
+                         freeze_kg=True)
+    model, fresh = build_model(KGQAConfig(lm="minilm", **overrides))
+    assert "lm.cls.predictions.transform.dense.weight" in fresh  # MiniLM has no MLM head
+    model.eval().save_pretrained(tmp_path / "qa")
+    tokenizer.save_pretrained(tmp_path / "qa")
+    loaded = KGEnhancedLM.from_pretrained(tmp_path / "qa").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
-    record = json.loads((tmp_path / "qa" / CONFIG_NAME).read_text())
-    assert record["model"]["kg_checkpoint"] == str(tmp_path / "hitter")
-    assert record["model"]["layer_mapping"] == "4:3,6:6"
-    assert record["hitter_config"]["hidden_size"] == 32
-    assert not any(p.requires_grad for p in loaded.hitter.parameters())  # freeze_kg kept
-
-
-def test_save_load_baseline_keeps_tied_weights(base_lm, batch, tmp_path):
-    model = make_model(base_lm, None, kg=False)
-    model.save_pretrained(tmp_path)
-    loaded = KGEnhancedLM.from_pretrained(tmp_path)
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
     lm = loaded.lm
     assert lm.cls.predictions.decoder.weight is lm.bert.embeddings.word_embeddings.weight
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["model"]["layer_mapping"] is None
+    saved = json.loads((tmp_path / "qa" / "config.json").read_text())
+    assert saved["model_type"] == "hitter-kgqa" and saved["lm_config"]["hidden_size"] == 384
+    if kg:
+        assert loaded.layer_mapping == {4: 3, 6: 6} and saved["layer_mapping"] == "4:3,6:6"
+        assert saved["kg_config"]["hidden_size"] == 32
+        assert not any(p.requires_grad for p in loaded.hitter.parameters())  # freeze_kg kept
+    else:
+        assert saved["kg_config"] is None and saved["layer_mapping"] is None
+
+
+def test_load_qa_model_finds_tokenizer_and_neighbourhoods(tmp_path, data_root, fb15k237):
+    """One call loads a saved QA model with its tokenizer and its graph's neighbour index."""
+    from kgqa.model import load_qa_model
+
+    hitter = HittER(HittERConfig(
+        num_entities=fb15k237.num_entities, num_relations=fb15k237.num_relations,
+        hidden_size=32, num_attention_heads=4, intermediate_size=64, num_entity_layers=1,
+        num_context_layers=2,
+    ))
+    hitter.save_pretrained(tmp_path / "hitter")
+    model, _ = build_model(KGQAConfig(lm="minilm", kg_checkpoint=str(tmp_path / "hitter")))
+    model.save_pretrained(tmp_path / "qa")
+    from transformers import AutoTokenizer
+
+    from kgqa.lm import resolve_lm
+
+    AutoTokenizer.from_pretrained(resolve_lm("minilm")).save_pretrained(tmp_path / "qa")
+    loaded, tok, index = load_qa_model(tmp_path / "qa", data_root, cache_dir=tmp_path / "c")
+    assert not loaded.training and loaded.mask_token_id == tok.mask_token_id
+    assert index.num_entities == fb15k237.num_entities
+    example = QAExample("q", "what is the capital of france?", 5, "paris", None)
+    batch = make_batch([example], tok, index, loaded.config.max_neighbours)
+    assert batch["kg_mask"].shape[0] == 1 and batch["kg_mask"].any()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).logits, model(batch).logits, rtol=0, atol=0)
+        assert torch.isfinite(loaded(**batch).loss)
 
 
 # ---------------------------------------------------------------------- overfit
@@ -334,16 +356,16 @@ def test_overfits_a_few_questions(base_lm, neighbours, tokenizer):
         ("what currency does japan use?", "yen", -1),
         ("who discovered penicillin?", "alexander fleming", 29),
     ]
-    batch = cloze_batch(tokenizer, *zip(*questions, strict=True))
+    batch = cloze_batch(tokenizer, *zip(*questions, strict=True), neighbours)
     model = make_model(base_lm, neighbours).train()
     # The vocabulary matrix (tied to the MLM decoder, half of MiniLM) stays fixed: it halves
     # the optimiser's work and the head's transform and bias are enough to fit.
     model.lm.bert.embeddings.word_embeddings.requires_grad_(False)
     torch.manual_seed(0)
-    new, pretrained = model.parameter_groups()
-    optimizer = torch.optim.AdamW([{"params": new, "lr": 1e-3}, {"params": pretrained, "lr": 5e-4}])
+    train = QATrainConfig(lr_adapters=1e-3, lr_pretrained=5e-4)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, train))
     for _ in range(40):
-        loss = model(batch).loss
+        loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -352,7 +374,7 @@ def test_overfits_a_few_questions(base_lm, neighbours, tokenizer):
             break
     model.eval()
     with torch.no_grad():
-        out = model(batch)
+        out = model(**batch)
     wrong = torch.zeros(len(questions)).index_add_(
         0, out.rows, (out.logits.argmax(-1) != out.labels).float()
     )  # (B,) wrong pieces per question

@@ -1,21 +1,27 @@
-"""QA fine-tuning (kgqa/train.py): the DeepSpeed config, the engine's two learning rates read
-back from the engine (frozen HittER absent, newly initialised LM weights at the adapter rate),
-the warm-up schedule, and a short run on real WebQSP questions that writes the best
-checkpoint, the predictions file and the metrics.
+"""QA fine-tuning (kgqa/train.py): what reaches DeepSpeed (config values, the two learning
+rates, weight decay, the warm-up schedule) checked without an engine, one engine smoke test on
+a tiny model, the command line, and a short run on real WebQSP questions that writes the run
+config, the best checkpoint, the predictions file and the metrics.
 
-The LM is the offline MiniLM; HittER is tiny and random (width 32)."""
+The LM is the offline MiniLM (or a tiny random BERT); HittER is tiny and random (width 32)."""
 
 import json
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
+from transformers import BertConfig, BertForMaskedLM
 
-from hitter_core.model import HittER, HittERConfig
+from hitter_core.config import ConfigError, HittERConfig, load_sections
+from hitter_core.distributed import init_distributed
+from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
-from kgqa.config import KGQAModelConfig, QATrainConfig
-from kgqa.model import KGEnhancedLM
-from kgqa.train import build_engine, build_model, init_distributed, main
+from kgqa import train as qa_train
+from kgqa.batches import ClozeCollator, compute_loss
+from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
+from kgqa.model import KGEnhancedLM, build_model
+from kgqa.train import build_engine, main, optimizer_groups, parse_args
 
 E, R = 30, 4
 
@@ -36,54 +42,67 @@ def neighbours():
                                                    dim=1), E, R)
 
 
-def kg_model(neighbours, freeze_kg: bool) -> tuple[KGEnhancedLM, set[int]]:
-    """MiniLM as loaded by build_model (with its fresh-weight ids) + tiny HittER + adapters."""
-    plain, fresh = build_model(KGQAModelConfig(lm="minilm"))
-    cfg = KGQAModelConfig(lm="minilm", kg_checkpoint="tiny", freeze_kg=freeze_kg)
-    return KGEnhancedLM(cfg, plain.lm, tiny_hitter(), neighbours), fresh
+@pytest.fixture(scope="module")
+def minilm():
+    """MiniLM as build_model loads it, with the names of its newly initialised weights."""
+    return build_model(KGQAConfig(lm="minilm"))
 
 
-# ---------------------------------------------------------------------- DeepSpeed config
+def kg_model(minilm, freeze_kg: bool) -> KGEnhancedLM:
+    """MiniLM + tiny HittER + adapters."""
+    plain, _ = minilm
+    cfg = KGQAConfig(lm="minilm", freeze_kg=freeze_kg)
+    lm = BertForMaskedLM(plain.lm.config)
+    lm.load_state_dict(plain.lm.state_dict())
+    return KGEnhancedLM(cfg, lm, tiny_hitter())
 
 
-def test_ds_config_filled_from_the_train_config():
-    init_distributed()
-    model, fresh = build_model(KGQAModelConfig(lm="minilm"))
+def captured_engine(monkeypatch, model, train, total_steps, fresh=frozenset()):
+    """What build_engine hands to DeepSpeed, without building an engine."""
+    seen = {}
+
+    def fake(model, optimizer, scheduler, ds_config=None, **kwargs):
+        seen.update(model=model, optimizer=optimizer, scheduler=scheduler, kwargs=kwargs)
+        return "engine"
+
+    monkeypatch.setattr(qa_train, "initialize_engine", fake)
+    assert build_engine(model, train, total_steps, fresh) == "engine"
+    return seen
+
+
+# ---------------------------------------------------------------------- what reaches DeepSpeed
+
+
+def test_ds_config_values_come_from_the_train_config(monkeypatch, minilm):
+    model, fresh = minilm
     train = QATrainConfig(batch_size=8, max_grad_norm=0.5, zero_stage=2)
-    engine = build_engine(model, train, total_steps=10, fresh=fresh)
-    assert engine.train_micro_batch_size_per_gpu() == 8
-    assert engine.gradient_clipping() == 0.5
-    assert engine.zero_optimization_stage() == 2
-    assert not engine.bfloat16_enabled()  # CPU: fp32
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3"):
-        build_engine(model, QATrainConfig(zero_stage=3), total_steps=10, fresh=fresh)
+    seen = captured_engine(monkeypatch, model, train, 10, fresh)
+    assert seen["kwargs"] == {"micro_batch_size": 8, "max_grad_norm": 0.5, "zero_stage": 2,
+                              "supported_zero_stages": (0, 1, 2)}
+    with pytest.raises(StrictDataclassError, match="zero_stage"):
+        QATrainConfig(zero_stage=3)
 
 
-# ---------------------------------------------------------------------- engine
-
-
-def test_fresh_lm_weights_are_minilms_mlm_head():
-    model, fresh = build_model(KGQAModelConfig(lm="minilm"))
-    names = {n for n, p in model.lm.named_parameters() if id(p) in fresh}
-    assert names == {
-        "cls.predictions.bias", "cls.predictions.transform.dense.weight",
-        "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
-        "cls.predictions.transform.LayerNorm.bias",
+def test_fresh_lm_weights_are_minilms_mlm_head(minilm):
+    model, fresh = minilm
+    assert fresh == {
+        "lm.cls.predictions.bias", "lm.cls.predictions.transform.dense.weight",
+        "lm.cls.predictions.transform.dense.bias",
+        "lm.cls.predictions.transform.LayerNorm.weight",
+        "lm.cls.predictions.transform.LayerNorm.bias",
     }
     # The decoder weight is tied to the pretrained word embeddings: not fresh.
-    assert id(model.lm.cls.predictions.decoder.weight) not in fresh
+    assert "lm.cls.predictions.decoder.weight" not in fresh
 
 
 @pytest.mark.parametrize("freeze_kg", [False, True])
-def test_engine_has_the_two_learning_rates(neighbours, freeze_kg):
-    init_distributed()
-    model, fresh = kg_model(neighbours, freeze_kg)
-    train = QATrainConfig()
-    engine = build_engine(model, train, total_steps=100, fresh=fresh)
-    groups = engine.optimizer.param_groups
-    lr_of = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+def test_two_learning_rates_and_weight_decay(minilm, freeze_kg):
+    _, fresh = minilm
+    model = kg_model(minilm, freeze_kg)
+    groups = optimizer_groups(model, QATrainConfig(), fresh)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    assert {g["initial_lr"] for g in groups} == {5e-5, 5e-6}
+    assert {g["lr"] for g in groups} == {5e-5, 5e-6}
 
     adapters = [p for a in model.adapters() for p in a.parameters()]
     assert adapters and all(lr_of[id(p)] == 5e-5 for p in adapters)
@@ -105,23 +124,74 @@ def test_engine_has_the_two_learning_rates(neighbours, freeze_kg):
             if p.requires_grad:
                 exempt = name == "bias" or isinstance(module, nn.LayerNorm)
                 assert decay_of[id(p)] == (0.0 if exempt else 0.01), (module, name)
-    assert engine.gradient_clipping() == 1.0
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
-def test_engine_schedule_warms_up_then_decays(neighbours):
-    init_distributed()
-    model, fresh = kg_model(neighbours, freeze_kg=True)
+def test_schedule_warms_up_then_decays(monkeypatch, minilm):
+    model, fresh = minilm
     train = QATrainConfig(lr_adapters=4e-5, lr_pretrained=2e-6)  # configurable
-    engine = build_engine(model, train, total_steps=20, fresh=fresh)  # 2 warm-up steps
+    seen = captured_engine(monkeypatch, model, train, 20, fresh)  # 2 warm-up steps
+    optimizer, scheduler = seen["optimizer"], seen["scheduler"]
     lrs = []
     for _ in range(21):
-        lrs.append(sorted(g["lr"] for g in engine.optimizer.param_groups)[-1])
-        engine.lr_scheduler.step()
+        lrs.append(sorted(g["lr"] for g in optimizer.param_groups)[-1])
+        optimizer.step()
+        scheduler.step()
     assert lrs[0] == 0.0
     assert lrs[1] == pytest.approx(2e-5) and lrs[2] == pytest.approx(4e-5)
     assert lrs[11] == pytest.approx(2e-5) and lrs[20] == 0.0
-    assert {g["initial_lr"] for g in engine.optimizer.param_groups} == {4e-5, 2e-6}
+    assert {g["initial_lr"] for g in optimizer.param_groups} == {4e-5, 2e-6}
+
+
+# ---------------------------------------------------------------------- one engine
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_engine_smoke(neighbours):
+    """A few steps of a tiny KG-enhanced model (BERT width 32, 2 layers) on a DeepSpeed
+    engine: the config reaches the engine and the loss goes down."""
+    init_distributed("cpu")
+    torch.manual_seed(0)
+    lm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64))
+    model = KGEnhancedLM(KGQAConfig(max_neighbours=4), lm, tiny_hitter())
+    engine = build_engine(model, QATrainConfig(batch_size=4, max_grad_norm=0.5,
+                                               lr_adapters=1e-2, lr_pretrained=1e-2,
+                                               warmup_ratio=0.0), total_steps=100)
+    assert engine.train_micro_batch_size_per_gpu() == 4
+    assert engine.gradient_clipping() == 0.5 and not engine.bfloat16_enabled()
+    rows = [{"input_ids": [1, 5 + i, 3, 2], "attention_mask": [1] * 4,
+             "labels": [-100, -100, 10 + i, -100], "topic_entity": i if i < 3 else -1,
+             "relation": 0, "answer_entity": -1, "num_masks": 1} for i in range(4)]
+    batch = ClozeCollator(0, neighbours, 4, train=True, seed=0)(rows)
+    losses = []
+    for _ in range(8):
+        loss = compute_loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_command_line_flags_and_overrides(tmp_path):
+    model, train, args = parse_args([
+        "--preset", "qa-webqsp-minilm-cpu", "--output-dir", str(tmp_path), "--ds-config", "x",
+        "model.kg_checkpoint=runs/h/best", "train.seed=334", "--data-dir", "/data",
+    ])
+    assert (model.lm, model.freeze_kg, model.kg_checkpoint) == ("minilm", True, "runs/h/best")
+    assert (train.lr_adapters, train.lr_pretrained, train.epochs) == (5e-4, 5e-5, 6)
+    assert (train.seed, train.output_dir, train.data_dir) == (334, str(tmp_path), "/data")
+    assert args.ds_config == "x"
+    full = load_sections(QA_SCHEMA, "qa-webqsp-full-minilm-cpu")
+    assert (full["train"].split, full["train"].epochs) == ("full", 2)
+    paper = load_sections(QA_SCHEMA, "qa-paper")
+    assert paper["train"].lr_adapters == QATrainConfig.lr_adapters  # paper = the defaults
+    with pytest.raises(KeyError, match="did you mean train.seed"):
+        parse_args(["train.sed=3"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        parse_args(["train.epochs=many"])
 
 
 # ---------------------------------------------------------------------- a short run
@@ -132,17 +202,17 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
     ckpt = tmp_path / "hitter"
     tiny_hitter(fb15k237.num_entities, fb15k237.num_relations).save_pretrained(ckpt)
     out = tmp_path / "run"
-    metrics = main([
-        "--dataset", "webqsp", "--split", "filtered", "--lm", "minilm",
-        "--kg_checkpoint", str(ckpt), "--epochs", "2", "--seed", "7",
-        "--max_train_examples", "16", "--max_eval_examples", "8",
-        "--data_dir", str(data_root), "--output_dir", str(out),
-        "--cache_dir", str(tmp_path / "cache"),
-    ])
+    assert main([
+        "--preset", "qa-webqsp-minilm-cpu", "--data-dir", str(data_root),
+        "--output-dir", str(out), f"model.kg_checkpoint={ckpt}", "model.freeze_kg=false",
+        "train.epochs=2", "train.seed=7", "train.max_train_examples=16",
+        "train.max_eval_examples=8", f"train.cache_dir={tmp_path / 'cache'}",
+    ]) == 0
     assert (out / "best" / "model.safetensors").is_file()
-    assert (out / "config.json").is_file()
+    assert (out / "best" / "tokenizer.json").is_file()  # loads without the original LM
+    again = load_sections(QA_SCHEMA, out / "run_config.yaml")  # the resolved config
+    assert again["train"].seed == 7 and again["model"].kg_checkpoint == str(ckpt)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved == json.loads(json.dumps(metrics))
     assert (saved["dataset"], saved["split"], saved["kg"], saved["seed"]) == (
         "webqsp", "filtered", "co-trained", 7)
     assert saved["train_examples"] == 16 and saved["epochs_run"] == 2
@@ -152,4 +222,4 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
     assert len(rows) == saved["test"]["total"] == 8
     assert set(rows[0]) == {"question_id", "question", "answer", "predicted", "correct"}
     assert sum(r["correct"] for r in rows) == saved["test"]["correct"]
-    assert not (out / "best.tmp").exists() and not (out / "best.old").exists()
+    assert not list(out.glob(".best.tmp-*"))

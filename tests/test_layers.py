@@ -1,20 +1,22 @@
-"""Fast layers of HittER (hitter_core/layers.py): parity with torch's reference modules."""
+"""HittER's layers (hitter_core/layers.py) and the CPU kernels behind hitter_core/kernels.py:
+parity with torch's reference modules and ops."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hitter_core.layers import (
-    Packing,
-    PostLNLayer,
+from hitter_core import cpu_kernels
+from hitter_core.config import HittERConfig
+from hitter_core.cpu_kernels import (
     _ShortAttention,
     cross_entropy,
     dropout,
     keep_mask,
     short_attention,
 )
-from hitter_core.model import HittERConfig
+from hitter_core.kernels import CPU, STANDARD, kernels_for, sdpa_attention
+from hitter_core.layers import Packing, PostLNLayer
 
 D, H, FFN = 16, 4, 24
 
@@ -185,3 +187,20 @@ def test_fused_cross_entropy_is_stable_for_large_scores():
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == pytest.approx(1000.0)
     assert torch.isfinite(scores.grad).all()
+
+
+def test_kernels_are_chosen_by_device():
+    assert kernels_for(torch.device("cpu")) is CPU
+    assert kernels_for(torch.device("cuda", 0)) is STANDARD
+    assert CPU.dropout is cpu_kernels.dropout and STANDARD.attention is sdpa_attention
+
+
+@pytest.mark.parametrize("L, masked", [(3, False), (7, True)])
+def test_cpu_attention_equals_sdpa_without_dropout(L, masked):
+    g = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(5, L, 2, 8, generator=g), torch.randn(5, L, 2, 2, 8, generator=g)
+    mask = torch.rand(5, 1, 1, L, generator=g) < 0.7 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every row keeps a key
+    torch.testing.assert_close(cpu_kernels.attention(q, kv, mask, 0.0),
+                               sdpa_attention(q, kv, mask, 0.0))

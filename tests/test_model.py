@@ -5,7 +5,8 @@ import types
 import pytest
 import torch
 
-from hitter_core.model import HittER, HittERConfig, HittEROutput, make_scorer
+from hitter_core.config import HittERConfig
+from hitter_core.model import HittER, HittEROutput, HittERScorer
 
 E, R, D = 40, 5, 32
 
@@ -334,7 +335,7 @@ def test_scorer_gathers_eval_neighbourhoods():
             calls.append((max_neighbours, train))
             return types.SimpleNamespace(entities=ne, relations=nr, mask=nm)
 
-    scores = make_scorer(model, FakeIndex())(s, r)
+    scores = HittERScorer(model, FakeIndex())(s, r)
     assert calls == [(model.config.max_neighbours, False)]
     assert model.training  # the scorer restores the mode it found
     with torch.no_grad():

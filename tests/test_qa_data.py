@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from hitter_core.data import DataFormatError
-from kgqa import data as qa_data
-from kgqa.data import (
-    IGNORE_INDEX,
-    build_cloze_dataset,
-    collate_cloze,
-    filtered,
-    load_examples,
-    save_examples,
-    split_dev,
-)
+from kgqa import batches as qa_batches
+from kgqa.batches import IGNORE_INDEX, ClozeCollator, build_cloze_dataset
+from kgqa.data import filtered, load_examples, save_examples, split_dev
 from kgqa.qa_readers import (
     HITTER_PLACEHOLDER_ID,
     QAExample,
@@ -380,7 +373,7 @@ def test_cloze_cache_is_reused_and_keyed(tokenizer, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again instead of loading the cache")
 
-    monkeypatch.setattr(qa_data, "_cloze_batch", fail)
+    monkeypatch.setattr(qa_batches, "_cloze_batch", fail)
     again = build_cloze_dataset(examples, tokenizer, cache_dir=tmp_path)
     assert again["labels"] == first["labels"]
     with pytest.raises(AssertionError, match="tokenized again"):  # other data: new key
@@ -391,7 +384,7 @@ def test_collate_pads(tokenizer):
     ds = build_cloze_dataset(_toy_examples(3)[:1] + [
         QAExample("long", "a much longer question with many words?", 2, "x y z", None)
     ], tokenizer)
-    batch = collate_cloze([ds[0], ds[1]], tokenizer.pad_token_id)
+    batch = ClozeCollator(tokenizer.pad_token_id)([ds[0], ds[1]])
     n0, n1 = len(ds[0]["input_ids"]), len(ds[1]["input_ids"])
     assert batch["input_ids"].shape == (2, max(n0, n1)) and n0 < n1
     assert batch["input_ids"][0, n0:].eq(tokenizer.pad_token_id).all()
@@ -399,19 +392,34 @@ def test_collate_pads(tokenizer):
     assert batch["labels"][0, n0:].eq(IGNORE_INDEX).all()
     assert torch.equal(batch["answer_entity"], torch.tensor([-1, -1]))
     assert torch.equal(batch["num_masks"], torch.tensor([ds[0]["num_masks"], 3]))
+    assert "kg_entities" not in batch  # no neighbour index: the no-KG model's batches
 
 
 # ----------------------------------------------------------------------------- sources, prepare
 
 
 @pytest.mark.realdata
-def test_load_qa_splits(data_root, fb15k237):
-    from kgqa.data import load_qa_splits
+def test_load_qa_splits_prepares_once_then_reads(data_root, fb15k237, tmp_path, monkeypatch):
+    """Training reads the prepared splits: prepared into the cache on first use, read back
+    from there afterwards (the source files are not parsed again)."""
+    from kgqa import prepare as qa_prepare
+    from kgqa.prepare import load_qa_splits
 
-    splits = load_qa_splits(data_root, "webqsp", "filtered", kg=fb15k237)
+    splits = load_qa_splits(data_root, "webqsp", "filtered", cache_dir=tmp_path, kg=fb15k237)
     assert {k: len(v) for k, v in splits.items()} == {"train": 751, "dev": 99, "test": 484}
+    (prepared,) = (tmp_path / "qa-splits").iterdir()
+    assert load_examples(prepared / "webqsp/filtered/dev.jsonl") == splits["dev"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("prepared again instead of reading the cache")
+
+    monkeypatch.setattr(qa_prepare, "prepare", fail)
+    again = load_qa_splits(data_root, "webqsp", "filtered", cache_dir=tmp_path)
+    assert again == splits
     with pytest.raises(FileNotFoundError, match="no train split.*FreebaseQA-train.json"):
-        load_qa_splits(data_root, "freebaseqa", "full", kg=fb15k237)
+        load_qa_splits(data_root, "freebaseqa", "full", cache_dir=tmp_path)
+    with pytest.raises(AssertionError, match="prepared again"):  # another dev fraction
+        load_qa_splits(data_root, "webqsp", "filtered", dev_fraction=0.2, cache_dir=tmp_path)
 
 
 def test_prepare_from_official_freebaseqa_json(tmp_path):

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
 from hitter_core.checkpoint import TRAINER_STATE, TrainState
-from hitter_core.config import load_config
+from hitter_core.config import HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
-from hitter_core.distributed import resolve_ds_config
-from hitter_core.model import HittER, HittERConfig
+from hitter_core.distributed import initialize_engine, resolve_ds_config
+from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex, ground_truth_token
 from hitter_core.optim import (
     AdamaxW,
@@ -96,16 +96,6 @@ def configs(kg: KnowledgeGraph, output_dir: Path, *overrides: str):
 @pytest.fixture(autouse=True)
 def _neighbour_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: results that do not depend on the core count (reduction order),
-    and no oversubscription on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -238,6 +228,29 @@ def test_resolve_ds_config_fills_auto_values(tmp_path, caplog):
     bad.write_text(json.dumps({"gradient_clipping": 1.0}))
     ds = resolve_ds_config(bad, micro_batch_size=8, max_grad_norm=0.5, bf16_available=False)
     assert ds["gradient_clipping"] == 0.5 and "overridden" in caplog.text
+
+
+def test_initialize_engine_hands_deepspeed_our_pieces(monkeypatch):
+    """The engine builder's plumbing, without building an engine."""
+    import deepspeed
+
+    seen = {}
+
+    def fake_initialize(**kwargs):
+        seen.update(kwargs)
+        return "engine", kwargs["optimizer"], None, kwargs["lr_scheduler"]
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    model = torch.nn.Linear(2, 2)
+    optimizer = AdamaxW(model.parameters(), lr=0.1)
+    schedule = linear_schedule(optimizer, 10, 0.1)
+    engine = initialize_engine(model, optimizer, schedule, None, micro_batch_size=4,
+                               max_grad_norm=0.5, engine_clips=False)
+    assert engine == "engine" and seen["model"] is model
+    assert seen["optimizer"] is optimizer and seen["lr_scheduler"] is schedule
+    ds = seen["config"]
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_clipping"] == 0.0
+    assert ds["bf16"] == {"enabled": False} and "torch_autocast" not in ds  # CPU: no bf16
 
 
 # ---------------------------------------------------------------------------- engine and resume

@@ -1,0 +1,63 @@
+"""The one seam between the model and device-specific kernels (STYLE.md habit 13).
+
+The model and its layers call dropout, attention and cross-entropy through
+``kernels_for(device)``: torch's own ops (:data:`STANDARD`) on GPU and any other device, and
+on CPU the faster versions of :mod:`hitter_core.cpu_kernels` (:data:`CPU`), which compute the
+same functions (the tests compare them with torch's).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hitter_core import cpu_kernels
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The ops whose implementation depends on the device.
+
+    * ``dropout(x, p, training)``: as ``F.dropout``.
+    * ``attention(q, kv, key_mask, dropout_p)``: as :func:`sdpa_attention`.
+    * ``cross_entropy(scores, targets, label_smoothing)``: as ``F.cross_entropy`` (mean).
+    """
+
+    dropout: Callable[[torch.Tensor, float, bool], torch.Tensor]
+    attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def sdpa_attention(
+    q: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) masked) v with dropout on the weights: q (B, Lq, H, d), kv
+    (B, L, 2, H, d) keys and values (the layout of the fused projection), key_mask
+    (B, 1, 1, L) bool, True = real key, or None -> (B, Lq, H, d)."""
+    q, k, v = q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4)  # (B, H, L*, d) each
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+    return a.transpose(1, 2)  # (B, Lq, H, d)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training=training)
+
+
+def _cross_entropy(
+    scores: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    return F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
+
+
+STANDARD = Kernels(dropout=_dropout, attention=sdpa_attention, cross_entropy=_cross_entropy)
+CPU = Kernels(
+    dropout=cpu_kernels.dropout,
+    attention=cpu_kernels.attention,
+    cross_entropy=cpu_kernels.cross_entropy,
+)
+
+
+def kernels_for(device: torch.device) -> Kernels:
+    """:data:`CPU` for a CPU device, :data:`STANDARD` otherwise."""
+    return CPU if device.type == "cpu" else STANDARD
