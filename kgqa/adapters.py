@@ -94,10 +94,17 @@ class KGContext:
 
 class CrossAttentionAdapter(nn.Module):
     """Multi-head attention of LM tokens over KG tokens, then dense + dropout + residual +
-    LayerNorm. Width, heads, dropouts, LayerNorm eps and init std are the LM's."""
+    LayerNorm (the paper's block). Width, heads, dropouts, LayerNorm eps and init std are the
+    LM's.
 
-    def __init__(self, lm_config: BertConfig, kg_dim: int, hidden_dropout: float | None = None):
+    ``gated=True`` (not in the paper): ``x + tanh(g) * dropout(dense(attention))`` with a
+    scalar ``g`` that starts at 0 and no LayerNorm (Flamingo's gated cross-attention), so at
+    initialisation the layer returns its input exactly and the model is the plain LM."""
+
+    def __init__(self, lm_config: BertConfig, kg_dim: int, hidden_dropout: float | None = None,
+                 gated: bool = False):
         super().__init__()
+        self.gated = gated
         d, self.heads = lm_config.hidden_size, lm_config.num_attention_heads
         if d % self.heads:
             raise ValueError(f"hidden size {d} is not a multiple of {self.heads} heads")
@@ -109,7 +116,10 @@ class CrossAttentionAdapter(nn.Module):
         if hidden_dropout is None:
             hidden_dropout = lm_config.hidden_dropout_prob
         self.dropout = nn.Dropout(hidden_dropout)
-        self.norm = nn.LayerNorm(d, eps=lm_config.layer_norm_eps)
+        if gated:
+            self.gate = nn.Parameter(torch.zeros(()))
+        else:
+            self.norm = nn.LayerNorm(d, eps=lm_config.layer_norm_eps)
         for linear in (self.query, self.key, self.value, self.dense):
             nn.init.normal_(linear.weight, std=lm_config.initializer_range)
             nn.init.zeros_(linear.bias)
@@ -128,6 +138,8 @@ class CrossAttentionAdapter(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
         )  # (B, H, L, D/H)
         a = a.transpose(1, 2).reshape(B, L, D)
+        if self.gated:
+            return x + torch.tanh(self.gate) * self.dropout(self.dense(a))
         return self.norm(x + self.dropout(self.dense(a)))
 
 
@@ -169,6 +181,7 @@ def attach_adapters(
     lm_config: BertConfig,
     context: KGContext,
     hidden_dropout: float | None = None,
+    gated: bool = False,
 ) -> dict[int, CrossAttentionAdapter]:
     """Wrap ``layers[lm - 1].attention`` for every (lm, kg) of ``mapping`` (1-based) in place;
     returns the new adapters by LM layer."""
@@ -177,7 +190,7 @@ def attach_adapters(
         layer = layers[lm - 1]
         if isinstance(layer.attention, KGAttention):
             raise ValueError(f"LM layer {lm} already has an adapter")
-        adapter = CrossAttentionAdapter(lm_config, kg_dim, hidden_dropout)
+        adapter = CrossAttentionAdapter(lm_config, kg_dim, hidden_dropout, gated)
         layer.attention = KGAttention(layer.attention, adapter, kg, context)
         adapters[lm] = adapter
     return adapters

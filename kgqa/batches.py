@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label at non-mask positions (ignored by the MLM loss)
 NO_ENTITY = -1  # topic_entity / answer_entity in tensors when the entity is not in the KG
-CLOZE_FORMAT = 1  # bump when the cloze layout changes: invalidates cached datasets
-MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "topic_entity", "relation",
-                 "answer_entity", "num_masks")  # what a loader reads of a cloze dataset
+CLOZE_FORMAT = 2  # bump when the cloze layout changes: invalidates cached datasets
+MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "topic_entity",
+                 "relation", "answer_entity", "num_masks")  # what a loader reads of a dataset
 _EXAMPLE_FEATURES = Features(
     {
         "question_id": Value("string"),
@@ -50,6 +50,7 @@ _EXAMPLE_FEATURES = Features(
         "answer": Value("string"),
         "answer_entity": Value("int64"),
         "relation": Value("int64"),
+        "kg_text": Value("string"),  # second input segment (kgqa.verbalise); "" = none
     }
 )
 
@@ -70,12 +71,18 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()
 
 
-def cloze_fingerprint(examples: Sequence[QAExample], tokenizer: Any, max_length: int) -> str:
-    """Key of the cached cloze dataset: the examples, the tokenizer and the cloze layout."""
+def cloze_fingerprint(
+    examples: Sequence[QAExample], tokenizer: Any, max_length: int,
+    kg_texts: Sequence[str] | None = None,
+) -> str:
+    """Key of the cached cloze dataset: the examples (and their KG texts), the tokenizer and
+    the cloze layout."""
     h = hashlib.sha256(f"cloze-v{CLOZE_FORMAT}|{max_length}|".encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
-    for e in examples:
+    for i, e in enumerate(examples):
         h.update(json.dumps(asdict(e), ensure_ascii=False).encode())
+        if kg_texts is not None:
+            h.update(f"|{kg_texts[i]}".encode())
     return h.hexdigest()
 
 
@@ -84,7 +91,8 @@ def _cloze_batch(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
     mask = tokenizer.mask_token
     pieces = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
     texts = [f"{q} {mask * len(p)}." for q, p in zip(batch["question"], pieces, strict=True)]
-    enc = tokenizer(texts)
+    # The KG-as-text baseline's second segment, where there is one (already cut to fit).
+    enc = tokenizer(texts, batch["kg_text"]) if any(batch["kg_text"]) else tokenizer(texts)
     labels = []
     rows = zip(batch["question_id"], enc["input_ids"], pieces, strict=True)
     for qid, ids, answer_ids in rows:
@@ -101,6 +109,7 @@ def _cloze_batch(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
+        "token_type_ids": enc.get("token_type_ids", [[0] * len(x) for x in enc["input_ids"]]),
         "labels": labels,
         "num_masks": [len(p) for p in pieces],
         "topic_entity": [NO_ENTITY if t is None else t for t in batch["topic_entity"]],
@@ -113,6 +122,7 @@ def build_cloze_dataset(
     tokenizer: Any,
     cache_dir: str | Path | None = None,
     max_length: int = 512,
+    kg_texts: Sequence[str] | None = None,
 ) -> Dataset:
     """Cloze examples as a ``datasets.Dataset`` with columns ``question_id, question, answer,
     topic_entity, answer_entity`` (-1 = not in the KG), ``relation, input_ids,
@@ -128,9 +138,13 @@ def build_cloze_dataset(
     records = [asdict(e) for e in examples]
     if not records:
         raise ValueError("no examples to convert")
+    if kg_texts is not None and len(kg_texts) != len(records):
+        raise ValueError(f"{len(kg_texts)} KG texts for {len(records)} examples")
+    for i, record in enumerate(records):
+        record["kg_text"] = "" if kg_texts is None else kg_texts[i]
     map_kwargs: dict[str, Any] = {}
     if cache_dir is not None:
-        fp = cloze_fingerprint(examples, tokenizer, max_length)
+        fp = cloze_fingerprint(examples, tokenizer, max_length, kg_texts)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tokenizer.name_or_path).name) or "tokenizer"
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         map_kwargs = dict(cache_file_name=str(Path(cache_dir) / f"cloze-{name}-{fp[:20]}.arrow"))
@@ -159,10 +173,11 @@ class ClozeCollator:
     """Pads cloze rows into a batch and gathers the topic entities' neighbourhoods.
 
     Output: ``input_ids, attention_mask, labels`` (B, L) padded with ``pad_token_id`` / 0 /
-    -100; ``topic_entity, relation, answer_entity, num_masks`` (B,); with a neighbour index
-    also ``kg_entities, kg_relations`` (B, N) int64 and ``kg_mask`` (B, N) bool (N = the widest
-    neighbourhood of the batch, <= ``max_neighbours``). ``train``: a fresh random subset per
-    call from a generator seeded with ``seed`` (reproducible); else the first neighbours.
+    -100, and ``token_type_ids`` (padded with 0) when the rows have them; ``topic_entity,
+    relation, answer_entity, num_masks`` (B,); with a neighbour index also ``kg_entities,
+    kg_relations`` (B, N) int64 and ``kg_mask`` (B, N) bool (N = the widest neighbourhood of
+    the batch, <= ``max_neighbours``). ``train``: a fresh random subset per call from a
+    generator seeded with ``seed`` (reproducible); else the first neighbours.
     """
 
     def __init__(
@@ -191,6 +206,8 @@ class ClozeCollator:
             "attention_mask": pad("attention_mask", 0),
             "labels": pad("labels", IGNORE_INDEX),
         }
+        if "token_type_ids" in features[0]:
+            batch["token_type_ids"] = pad("token_type_ids", 0)
         for key in ("topic_entity", "relation", "answer_entity", "num_masks"):
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)  # (B,)
         if self.neighbours is not None:

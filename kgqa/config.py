@@ -56,6 +56,21 @@ class KGQAConfig(PreTrainedConfig):
     # Neighbours per topic entity given to HittER (REFERENCE.md: up to 50); read where batches
     # are made (kgqa.batches.ClozeCollator).
     max_neighbours: int = 50
+    # How the LM reads HittER (issue "knowledge that helps"; not in the paper beyond "paper"):
+    # "paper" = the paper's cross-attention block (dense, dropout, residual, LayerNorm);
+    # "gated" = x + tanh(g) * dropout(dense(attention)), g = 0 at the start (Flamingo), so the
+    # model starts as the plain LM; "none" = no cross-attention in the LM layers.
+    adapter: Literal["paper", "gated", "none"] = "paper"
+    # A pointer over the topic's neighbours that copies a neighbour's name into the [MASK]
+    # slots (kgqa.copy_head), mixed with the LM's prediction by a learned gate.
+    copy_head: bool = False
+    # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
+    # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?
+    kg_init: Literal["pretrained", "random"] = "pretrained"
+    # The "KG as text" baseline (kgqa.verbalise; needs no HittER): > 0 appends the topic's
+    # first neighbours, verbalised, to the plain LM's input, which is kept within this many
+    # word pieces; 0 = off.
+    kg_text_length: int = 0
     # Set by the builder, not by users: BertConfig.to_dict() of the LM, HittERConfig.to_dict().
     lm_config: dict[str, Any] | None = None
     kg_config: dict[str, Any] | None = None
@@ -67,6 +82,11 @@ class KGQAConfig(PreTrainedConfig):
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.layer_mapping is not None:
             parse_layer_mapping(self.layer_mapping)  # fail early on a malformed string
+        if self.kg_text_length < 0:
+            raise ValueError(f"kg_text_length must be >= 0, got {self.kg_text_length}")
+        if self.kg_text_length and self.kg_checkpoint is not None:
+            raise ValueError("kg_text_length (the KG-as-text baseline) is for the plain LM: "
+                             "set model.kg_checkpoint=null")
 
 
 @strict
@@ -104,6 +124,9 @@ class QATrainConfig:
     max_train_examples: int | None = None  # smoke runs: the first n train questions only
     max_eval_examples: int | None = None  # smoke runs: the first n dev / test questions only
     zero_stage: int = 0  # DeepSpeed ZeRO stage (ds_config.json); 0-2 supported
+    # Control: every question gets another question's topic entity (a seeded derangement
+    # within each split), so its KG input belongs to some other question.
+    shuffle_topics: bool = False
 
     def validate_values(self) -> None:
         if not 0.0 <= self.warmup_ratio <= 1.0:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from hitter_core.config import DEFAULT_KG
@@ -78,6 +79,34 @@ def split_dev(
     train = [e for e, d in zip(examples, dev_mask, strict=True) if not d]
     dev = [e for e, d in zip(examples, dev_mask, strict=True) if d]
     return train, dev
+
+
+def shuffle_topics(examples: Sequence[QAExample], seed: int) -> list[QAExample]:
+    """Control: every example with a topic entity gets the topic of another example (a seeded
+    random cycle through them, so none keeps its own; two questions may share a topic, so a
+    few still get theirs by chance). Nothing else changes."""
+    rows = [i for i, e in enumerate(examples) if e.topic_entity is not None]
+    order = rows.copy()
+    random.Random(seed).shuffle(order)
+    out = list(examples)
+    for to, src in zip(order, order[1:] + order[:1], strict=True):
+        out[to] = replace(examples[to], topic_entity=examples[src].topic_entity)
+    return out
+
+
+def answer_is_neighbour(
+    topics: Sequence[int], answers: Sequence[int], kg: KnowledgeGraph
+) -> list[bool]:
+    """Per question (entity ids, -1 = not in the graph): is the answer entity linked to the
+    topic by a train triple, in either direction? (The breakdown of the QA report.)"""
+    wanted = {t for t in topics if t >= 0}
+    linked: dict[int, set[int]] = {t: set() for t in wanted}
+    for h, _, t in kg.train.tolist():
+        if h in wanted:
+            linked[h].add(t)
+        if t in wanted:
+            linked[t].add(h)
+    return [t >= 0 and a in linked[t] for t, a in zip(topics, answers, strict=True)]
 
 
 # ----------------------------------------------------------------------------- sources

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from kgqa.adapters import (
     default_layer_mapping,
 )
 from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
+from kgqa.copy_head import KGCopyHead
 from kgqa.lm import resolve_lm
 
 
@@ -65,6 +67,12 @@ class KGQAOutput(ModelOutput):
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    # With the copy head (kgqa.copy_head): ``logits`` are log-probabilities, ``kg_attention``
+    # (B_kg, N) the weight of each neighbour for each question with KG input (rows
+    # ``kg_rows``), ``kg_gate`` (B_kg,) the share of the copy distribution.
+    kg_rows: torch.Tensor | None = None
+    kg_attention: torch.Tensor | None = None
+    kg_gate: torch.Tensor | None = None
 
 
 class KGEnhancedLM(PreTrainedModel):
@@ -101,10 +109,20 @@ class KGEnhancedLM(PreTrainedModel):
             else:
                 self.layer_mapping = parse_layer_mapping(config.layer_mapping)
             check_layer_mapping(self.layer_mapping, num_lm, num_kg)
-            attach_adapters(
-                lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size, lm.config,
-                self.context, config.adapter_dropout,
-            )
+            if config.adapter == "none":
+                self.layer_mapping = {}
+            else:
+                attach_adapters(
+                    lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size,
+                    lm.config, self.context, config.adapter_dropout,
+                    gated=config.adapter == "gated",
+                )
+        self.copy_head: KGCopyHead | None = None
+        if config.copy_head:
+            if hitter is None:
+                raise ValueError("model.copy_head needs HittER (model.kg_checkpoint)")
+            self.copy_head = KGCopyHead(
+                lm.config, hitter.config.hidden_size, hitter.config.num_entities)
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()
@@ -154,9 +172,20 @@ class KGEnhancedLM(PreTrainedModel):
         logits = self.lm.cls(hidden[positions])  # (M, V)
         rows = positions.nonzero()[:, 0]  # (M,)
         out = KGQAOutput(logits=logits, rows=rows)
+        if self.copy_head is not None and states is not None:
+            copied = self.copy_head(
+                logits, hidden[positions], rows, len(input_ids), states.rows,
+                states.layers[-1][:, 2:],  # (B_kg, N, D_kg): the neighbour tokens
+                kg_entities[states.rows], states.mask[:, 2:],
+            )
+            out.logits, out.kg_rows = copied.log_probs, states.rows
+            out.kg_attention, out.kg_gate = copied.attention, copied.gate
         if labels is not None:
             out.labels = labels[positions]  # (M,)
-            out.loss = F.cross_entropy(logits, out.labels)
+            if out.kg_attention is not None:  # log-probabilities of the copy mixture
+                out.loss = F.nll_loss(out.logits, out.labels)
+            else:
+                out.loss = F.cross_entropy(logits, out.labels)
         return out
 
     def encode_kg(
@@ -204,8 +233,10 @@ class KGEnhancedLM(PreTrainedModel):
             self.hitter.eval()  # frozen: no dropout either
         return self
 
-    def adapters(self) -> list[CrossAttentionAdapter]:
-        return [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)]
+    def adapters(self) -> list[nn.Module]:
+        """The new modules (trained at ``lr_adapters``): cross-attention adapters, copy head."""
+        new = [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)]
+        return new + ([self.copy_head] if self.copy_head is not None else [])
 
 
 # ----------------------------------------------------------------------------- building
@@ -224,9 +255,19 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
         names.setdefault(id(p), []).append(name)
     fresh = {f"lm.{ns[0]}" for ns in names.values() if all(n in missing for n in ns)}
     hitter = None
-    if config.kg_checkpoint is not None:
+    if config.kg_checkpoint is not None and config.kg_init == "random":
+        # Control: the checkpoint's shape only (config.json), random weights (seeded by the
+        # caller's torch seed), nothing loaded.
+        hitter = HittER(HittERConfig.from_pretrained(config.kg_checkpoint))
+    elif config.kg_checkpoint is not None:
         hitter = HittER.from_pretrained(config.kg_checkpoint)
     return KGEnhancedLM(config, lm, hitter), fresh
+
+
+def entity_name_pieces(entity_names: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Word pieces of every entity name, tokenised as the cloze answers are
+    (:func:`kgqa.batches.build_cloze_dataset`), for :meth:`KGCopyHead.set_entity_names`."""
+    return tokenizer(list(entity_names), add_special_tokens=False)["input_ids"]
 
 
 def build_neighbour_index(

@@ -48,13 +48,20 @@ from transformers import AutoTokenizer
 
 from hitter_core.checkpoint import write_dir_atomically
 from hitter_core.cli import add_config_arguments, apply_run_arguments, run_cli
-from hitter_core.config import DEFAULT_KG, RUN_CONFIG_NAME, load_sections, save_sections
-from hitter_core.data import default_data_dir
+from hitter_core.config import (
+    DEFAULT_KG,
+    RUN_CONFIG_NAME,
+    HittERConfig,
+    load_sections,
+    save_sections,
+)
+from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed, initialize_engine
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
+from kgqa.data import answer_is_neighbour, shuffle_topics
 from kgqa.evaluate import (
     METRICS_FILE,
     accuracy,
@@ -64,8 +71,10 @@ from kgqa.evaluate import (
     write_predictions,
 )
 from kgqa.lm import resolve_lm
-from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index
+from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index, entity_name_pieces
 from kgqa.prepare import load_qa_splits
+from kgqa.report import PREDICTIONS_FILE, run_variant
+from kgqa.verbalise import kg_texts
 
 logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "qa-paper"
@@ -138,7 +147,9 @@ class Trainer:
                           {"model": model_config, "train": cfg})
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_lm(model_config.lm))
-        self.data = self._load_data(data_dir, cache_dir)
+        # The graph the questions are linked to (HittER's, the text baseline's, the report's).
+        self.kg = kg = load_kg(data_dir / DEFAULT_KG)
+        self.data = self._load_data(data_dir, cache_dir, model_config, kg)
         self.model, fresh = build_model(model_config)
         self.model.mask_token_id = self.tokenizer.mask_token_id
         self.neighbours: NeighbourIndex | None = None
@@ -149,6 +160,9 @@ class Trainer:
                                  f"{kg_name}; QA questions are linked to {DEFAULT_KG}")
             self.neighbours = build_neighbour_index(
                 self.model.config.kg_config, data_dir, cache_dir)
+        if self.model.copy_head is not None:
+            self.model.copy_head.set_entity_names(
+                entity_name_pieces(kg.entity_names, self.tokenizer))
         if self.rank == 0:
             n_new = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
             logger.info("LM weights newly initialised (trained at lr_adapters): %d", n_new)
@@ -163,8 +177,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best, self.best_epoch, self.train_seconds = -1.0, 0, 0.0
 
-    def _load_data(self, data_dir: Path, cache_dir: Path) -> dict[str, Dataset]:
-        """The cloze datasets of train / dev / test (rank 0 prepares the splits once)."""
+    def _load_data(
+        self, data_dir: Path, cache_dir: Path, model_config: KGQAConfig,
+        kg: KnowledgeGraph | None,
+    ) -> dict[str, Dataset]:
+        """The cloze datasets of train / dev / test (rank 0 prepares the splits once); with
+        the controls and baselines of ``train.shuffle_topics`` and ``model.kg_text_length``."""
         cfg = self.train_config
         for rank in sorted({0, self.rank}):  # process 0 first: it may prepare the cache
             if rank == self.rank:
@@ -177,7 +195,17 @@ class Trainer:
         if cfg.max_eval_examples is not None:
             for name in ("dev", "test"):
                 splits[name] = splits[name][: cfg.max_eval_examples]
-        return {name: build_cloze_dataset(splits[name], self.tokenizer, cache_dir / "cloze")
+        if cfg.shuffle_topics:
+            splits = {name: shuffle_topics(ex, cfg.seed) for name, ex in splits.items()}
+        texts = dict.fromkeys(splits)
+        if model_config.kg_text_length:  # the order HittER's evaluation uses (default seed)
+            order = NeighbourIndex.build(kg, seed=HittERConfig().neighbour_order_seed,
+                                         cache_dir=cache_dir)
+            texts = {name: kg_texts(ex, kg, order, self.tokenizer,
+                                    model_config.kg_text_length, model_config.max_neighbours)
+                     for name, ex in splits.items()}
+        return {name: build_cloze_dataset(splits[name], self.tokenizer, cache_dir / "cloze",
+                                          kg_texts=texts[name])
                 for name in ("train", "dev", "test")}
 
     def loader(
@@ -254,14 +282,19 @@ class Trainer:
         test_loader = self.loader("test", cfg.eval_batch_size)
         preds = predict(model, test_loader, self.device)
         examples = self.data["test"].select_columns(["question_id", "question", "answer"])
-        write_predictions(prediction_records(examples.to_list(), preds, self.tokenizer),
-                          self.output_dir / "predictions.test.jsonl")
+        records = prediction_records(examples.to_list(), preds, self.tokenizer)
+        linked = answer_is_neighbour(self.data["test"]["topic_entity"],
+                                     self.data["test"]["answer_entity"], self.kg)
+        for record, is_neighbour in zip(records, linked, strict=True):
+            record["answer_is_neighbour"] = is_neighbour
+        write_predictions(records, self.output_dir / PREDICTIONS_FILE)
         test = accuracy(preds)
         kg_mode = "none" if model.hitter is None else (
             "frozen" if model_cfg.freeze_kg else "co-trained")
         metrics = {
             "dataset": cfg.dataset, "split": cfg.split, "lm": Path(model_cfg.lm).name,
             "kg": kg_mode, "kg_checkpoint": model_cfg.kg_checkpoint, "seed": cfg.seed,
+            "variant": run_variant(model_cfg, cfg),
             "best_epoch": self.best_epoch,
             "dev": {"accuracy": self.best, "total": len(self.data["dev"])},
             "test": test, "epochs_run": len(self.history), "history": self.history,

@@ -10,9 +10,6 @@ from torch import nn
 
 from kgqa.evaluate import (
     accuracy,
-    build_report,
-    find_run_results,
-    format_markdown,
     load_metric,
     main,
     predict,
@@ -20,6 +17,7 @@ from kgqa.evaluate import (
     write_predictions,
 )
 from kgqa.model import KGQAOutput
+from kgqa.report import build_report, find_run_results, format_markdown
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +124,10 @@ def test_report_mean_std_over_seeds():
     assert base["std"] == pytest.approx(10.0)  # sample std of 40, 50, 60
     assert base["dev_mean"] == pytest.approx(25.0)
     assert rows[("co-trained", "filtered")]["std"] is None  # one seed: no std
-    table = format_markdown(report).splitlines()
-    assert table[0] == "| LM | KG | webqsp full | webqsp filtered |"  # full before filtered
+    table = format_markdown(report, paper=False).splitlines()
+    assert table[0] == "| model | protocol | webqsp full | webqsp filtered |"  # full first
     assert table[2] == "| minilm | – | 20.0 (n=1) | 50.0 ± 10.0 (n=3) |"
-    assert table[3] == "| minilm | HittER (co-trained) | – | 30.0 (n=1) |"
+    assert table[3] == "| minilm + HittER co-trained, paper adapters | – | – | 30.0 (n=1) |"
 
 
 def test_report_rejects_a_seed_counted_twice():

@@ -1,0 +1,278 @@
+"""How the LM reads the graph (issue "knowledge that helps"): the gated adapter, the copy head
+(kgqa/copy_head.py), the controls (untrained HittER, shuffled topics), the KG-as-text baseline
+(kgqa/verbalise.py) and the Table-6 report (kgqa/report.py).
+
+Tiny models as in test_kgqa_model.py: the offline MiniLM and a width-32 HittER over a random
+graph of 30 entities.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertForMaskedLM
+
+from hitter_core.config import HittERConfig
+from hitter_core.data import KnowledgeGraph
+from hitter_core.model import HittER
+from hitter_core.neighbours import NeighbourIndex
+from kgqa.batches import build_cloze_dataset, make_batch
+from kgqa.config import KGQAConfig
+from kgqa.copy_head import KGCopyHead
+from kgqa.data import answer_is_neighbour, shuffle_topics
+from kgqa.model import KGEnhancedLM, build_model, entity_name_pieces
+from kgqa.qa_readers import QAExample
+from kgqa.report import build_report, format_markdown, row_label
+from kgqa.verbalise import fit_phrases, kg_texts, neighbour_phrases
+
+E, R = 30, 4
+
+
+@pytest.fixture(scope="module")
+def base_lm(minilm_path):
+    return BertForMaskedLM.from_pretrained(minilm_path).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def triples():
+    g = torch.Generator().manual_seed(0)
+    heads, tails = torch.randint(E, (120,), generator=g), torch.randint(E, (120,), generator=g)
+    return torch.stack([heads, torch.randint(R, (120,), generator=g), tails], dim=1)
+
+
+@pytest.fixture(scope="module")
+def neighbours(triples):
+    return NeighbourIndex.from_triples(triples, E, R)
+
+
+@pytest.fixture(scope="module")
+def kg(triples, tmp_path_factory):
+    names = ["paris", "london", "william shakespeare", "honolulu", "portuguese"]
+    names += [f"entity {i}" for i in range(len(names), E)]
+    return KnowledgeGraph(
+        name="tiny", directory=tmp_path_factory.mktemp("kg"),
+        entities=[f"/m/{i}" for i in range(E)], relations=[f"/rel/r_{i}" for i in range(R)],
+        entity_names=names, splits={"train": triples, "valid": triples[:2], "test": triples[:2]},
+    )
+
+
+def tiny_hitter(seed: int = 0) -> HittER:
+    torch.manual_seed(seed)
+    return HittER(HittERConfig(
+        num_entities=E, num_relations=R, hidden_size=32, num_attention_heads=4,
+        intermediate_size=64, num_entity_layers=1, num_context_layers=2,
+    ))
+
+
+def examples(topics):
+    qs = [("what is the capital of france?", "paris"), ("who wrote hamlet?", "shakespeare"),
+          ("where was obama born?", "honolulu"), ("what do they speak in brazil?", "portuguese")]
+    return [QAExample(f"q{i}", q, None if t < 0 else t, a, None)
+            for i, ((q, a), t) in enumerate(zip(qs, topics, strict=True))]
+
+
+def stock_logits(base_lm, batch):
+    with torch.no_grad():
+        logits = base_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch.get("token_type_ids")).logits  # (B, L, V)
+    return logits[batch["labels"] != -100]
+
+
+# ---------------------------------------------------------------------- gated adapter
+
+
+def test_gated_adapter_at_init_is_exactly_the_plain_lm(base_lm, neighbours, tokenizer):
+    batch = make_batch(examples([3, 5, 7, 12]), tokenizer, neighbours)
+    model = KGEnhancedLM(KGQAConfig(lm="minilm", adapter="gated"), copy.deepcopy(base_lm),
+                         tiny_hitter()).eval()
+    assert model.adapters() and all(a.gated for a in model.adapters())
+    with torch.no_grad():
+        out = model(**batch)
+    plain = KGEnhancedLM(KGQAConfig(lm="minilm"), copy.deepcopy(base_lm)).eval()
+    with torch.no_grad():
+        expected = plain(**batch).logits  # the plain LM, same code path
+    assert batch["kg_mask"].any()  # KG input is there, and read
+    assert torch.equal(out.logits, expected)
+    torch.testing.assert_close(out.logits, stock_logits(base_lm, batch), rtol=1e-5, atol=1e-5)
+    # Once the gate opens, the KG changes the prediction.
+    with torch.no_grad():
+        for a in model.adapters():
+            a.gate.fill_(0.5)
+        assert not torch.equal(model(**batch).logits, out.logits)
+
+
+# ---------------------------------------------------------------------- copy head
+
+
+def test_copy_head_copies_the_attended_neighbours_name(base_lm):
+    head = KGCopyHead(base_lm.config, 8, num_entities=4)
+    head.set_entity_names([[10, 11], [20], [30, 31], [40, 41, 42]])
+    V, D = 50, base_lm.config.hidden_size
+    rows = torch.tensor([0, 0, 1])  # question 0 has 2 masks, question 1 has 1
+    lm_logits = torch.zeros(3, V)
+    kg_entities = torch.tensor([[0, 1, 2, 3]])  # only question 0 has KG input
+    with torch.no_grad():
+        head.gate.bias.fill_(50.0)  # lam = 1: the copy distribution alone
+        out = head(lm_logits, torch.randn(3, D), rows, 2, torch.tensor([0]),
+                   torch.randn(1, 4, 8), kg_entities, torch.ones(1, 4, dtype=torch.bool))
+    # Candidates: the 2-piece names (entities 0 and 2); entity 1 and 3 do not fit.
+    assert out.attention[0, 1] == 0 and out.attention[0, 3] == 0
+    assert out.attention[0].sum().item() == pytest.approx(1.0)
+    probs = out.log_probs.exp()
+    a0, a2 = out.attention[0, 0].item(), out.attention[0, 2].item()
+    assert probs[0, 10].item() == pytest.approx(a0, abs=1e-5)  # first mask: first pieces
+    assert probs[0, 30].item() == pytest.approx(a2, abs=1e-5)
+    assert probs[1, 11].item() == pytest.approx(a0, abs=1e-5)  # second mask: second pieces
+    assert probs[1, 31].item() == pytest.approx(a2, abs=1e-5)
+    # Question 1 has no KG input: exactly the LM's distribution.
+    torch.testing.assert_close(out.log_probs[2], torch.log_softmax(lm_logits[2], -1))
+
+
+def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer):
+    """With the copy head, answers that are neighbours of the topic are learned from the KG:
+    the gold answer is named after a neighbour, and training raises its attention."""
+    topic = 3
+    nbrs = neighbours.gather(torch.tensor([topic]), 50)
+    answer_entity = int(nbrs.entities[0, 0])
+    names = [f"entity {i}" for i in range(E)]
+    names[answer_entity] = "honolulu"
+    model = KGEnhancedLM(KGQAConfig(lm="minilm", adapter="none", copy_head=True),
+                         copy.deepcopy(base_lm), tiny_hitter())
+    model.copy_head.set_entity_names(entity_name_pieces(names, tokenizer))
+    batch = make_batch([QAExample("q", "where was obama born?", topic, "honolulu", None)],
+                       tokenizer, neighbours)
+    optimizer = torch.optim.AdamW(model.copy_head.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    column = (batch["kg_entities"][0] == answer_entity).nonzero()[0, 0]
+    assert out.kg_attention[0, column] > 0.9
+    assert out.logits.argmax(-1).tolist() == out.labels.tolist()
+
+
+# ---------------------------------------------------------------------- controls
+
+
+def test_shuffled_topics_give_each_question_another_ones():
+    exs = [QAExample(f"q{i}", "?", t, "a", None) for i, t in enumerate([0, 1, None, 3, 4, 5])]
+    out = shuffle_topics(exs, seed=7)
+    assert out == shuffle_topics(exs, seed=7)  # deterministic
+    assert out[2].topic_entity is None  # no topic, nothing to shuffle
+    moved = [o.topic_entity for o in out if o.topic_entity is not None]
+    assert sorted(moved) == [0, 1, 3, 4, 5]  # a permutation of the topics
+    assert all(o.topic_entity != e.topic_entity for o, e in zip(out, exs, strict=True)
+               if e.topic_entity is not None)  # none keeps its own (distinct topics here)
+    assert [o.question_id for o in out] == [e.question_id for e in exs]
+
+
+def test_untrained_hitter_control_loads_no_weights(tmp_path):
+    pretrained = tiny_hitter(seed=0)
+    pretrained.save_pretrained(tmp_path / "hitter")
+    config = KGQAConfig(lm="minilm", kg_checkpoint=str(tmp_path / "hitter"))
+    loaded, _ = build_model(config)
+    torch.manual_seed(123)
+    control, _ = build_model(KGQAConfig(lm="minilm", kg_checkpoint=str(tmp_path / "hitter"),
+                                        kg_init="random"))
+    reference = pretrained.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.hitter.state_dict().items())
+    weights = [k for k in reference if k.endswith("weight") and "norm" not in k]
+    assert weights and not any(torch.equal(control.hitter.state_dict()[k], reference[k])
+                               for k in weights)
+    assert control.hitter.config.hidden_size == pretrained.config.hidden_size  # same shape
+
+
+def test_answer_is_neighbour(kg):
+    h, _, t = kg.train[0].tolist()
+    unlinked = next(e for e in range(E) if e not in {x for tr in kg.train.tolist()
+                                                     for x in (tr[0], tr[2]) if h in tr[::2]})
+    assert answer_is_neighbour([h, t, h, -1], [t, h, unlinked, t], kg) == [True, True, False,
+                                                                         False]
+
+
+# ---------------------------------------------------------------------- KG as text
+
+
+def test_text_baseline_is_deterministic_and_cut_safely(kg, neighbours, tokenizer):
+    exs = examples([3, -1, 7, 12])
+    texts = kg_texts(exs, kg, neighbours, tokenizer, max_length=40, max_neighbours=50)
+    assert texts == kg_texts(exs, kg, neighbours, tokenizer, 40, 50)
+    assert texts[1] == ""  # no topic, no text
+    ds = build_cloze_dataset(exs, tokenizer, kg_texts=texts)
+    for row, text in zip(ds, texts, strict=True):
+        assert len(row["input_ids"]) <= 40
+        assert sum(t == tokenizer.mask_token_id for t in row["input_ids"]) == row["num_masks"]
+        if text:  # second segment, token type 1, cut between whole phrases
+            assert text.startswith(kg.entity_names[row["topic_entity"]] + ":")
+            assert 1 in row["token_type_ids"]
+    longer = kg_texts(exs, kg, neighbours, tokenizer, max_length=200, max_neighbours=50)
+    assert all(long.startswith(short.rstrip()) or not short
+               for short, long in zip(texts, longer, strict=True))
+    phrases = neighbour_phrases([1, 2], [0, R + 1], kg, ["r zero", "r one", "r two", "r three"])
+    assert phrases == ["r zero london", "william shakespeare r one"]  # reciprocal: reversed
+    assert fit_phrases("paris", ["a b", "c d"], tokenizer, budget=1) == ""
+    assert fit_phrases("paris", ["a b", "c d"], tokenizer, budget=6) == "paris: a b"
+
+
+# ---------------------------------------------------------------------- report
+
+
+def result(seed, acc, kg="none", total=100, **variant):
+    v = {"adapter": "paper", "copy_head": False, "kg_init": "pretrained",
+         "kg_text_length": 0, "shuffle_topics": False,
+         "protocol": {"epochs": 20, "lr_adapters": 5e-4, "lr_pretrained": 5e-5,
+                      "batch_size": 16}} | variant
+    return {"lm": "minilm", "kg": kg, "dataset": "webqsp", "split": "filtered", "seed": seed,
+            "train_examples": 676, "test": {"accuracy": acc, "total": total}, "variant": v}
+
+
+def test_report_rows_gains_and_protocols():
+    runs = [result(1, 0.40), result(2, 0.50),
+            result(1, 0.45, "frozen", adapter="none", copy_head=True),
+            result(2, 0.58, "frozen", adapter="none", copy_head=True),
+            result(1, 0.41, "frozen", adapter="none", copy_head=True, shuffle_topics=True),
+            result(1, 0.30, kg_text_length=128)]
+    report = build_report(runs)
+    rows = {r["label"]: r for r in report["rows"]}
+    copy_row = rows["minilm + HittER frozen, copy head"]
+    assert copy_row["gain"]["mean"] == pytest.approx(6.5)  # (5 + 8) / 2, paired by seed
+    assert "minilm + HittER frozen, copy head [control: shuffled topics]" in rows
+    assert rows["minilm + KG as text"]["gain"]["mean"] == pytest.approx(-10.0)
+    table = format_markdown(report)
+    assert "BERT-base + HittER (paper)" in table and "| 51.0 (n=5) |" in table
+    assert "+6.5 ± 2.1 (n=2)" in table
+    # Another protocol is another row, never averaged in.
+    other = result(3, 0.9)
+    other["variant"]["protocol"]["epochs"] = 6
+    labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other])["rows"]]
+    assert ("minilm", "6 ep, lr 0.0005 / 5e-05") in labels
+    with pytest.raises(ValueError, match="differ in train / test size"):
+        build_report(runs + [result(3, 0.5, total=99)])
+    label = row_label({"lm": "minilm", "kg": "co-trained", "variant": {"adapter": "gated"}})
+    assert label == "minilm + HittER co-trained, gated adapters"
+
+
+def test_report_breakdown_from_predictions(tmp_path):
+    for seed, flags in ((1, [(True, True), (False, True), (True, False)]),
+                        (2, [(True, True), (True, True), (False, False)])):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(result(seed, 0.5, total=3)))
+        (d / "predictions.test.jsonl").write_text("".join(
+            json.dumps({"correct": c, "answer_is_neighbour": n}) + "\n" for c, n in flags))
+    from kgqa.report import find_run_results
+    row = build_report(find_run_results([tmp_path]))["rows"][0]
+    assert row["breakdown"]["neighbour"]["questions"] == 2
+    assert row["breakdown"]["neighbour"]["accuracy"] == pytest.approx(75.0)  # (50 + 100) / 2
+    assert row["breakdown"]["other"]["accuracy"] == pytest.approx(50.0)  # (100 + 0) / 2
