@@ -195,8 +195,11 @@ class Trainer:
         if cfg.max_eval_examples is not None:
             for name in ("dev", "test"):
                 splits[name] = splits[name][: cfg.max_eval_examples]
+        splits_before = splits
         if cfg.shuffle_topics:
             splits = {name: shuffle_topics(ex, cfg.seed) for name, ex in splits.items()}
+        # The report's breakdown is by each question's own topic, shuffled or not.
+        self.true_topics = {e.question_id: e.topic_entity for e in splits_before["test"]}
         texts = dict.fromkeys(splits)
         if model_config.kg_text_length:  # the order HittER's evaluation uses (default seed)
             order = NeighbourIndex.build(kg, seed=HittERConfig().neighbour_order_seed,
@@ -283,7 +286,8 @@ class Trainer:
         preds = predict(model, test_loader, self.device)
         examples = self.data["test"].select_columns(["question_id", "question", "answer"])
         records = prediction_records(examples.to_list(), preds, self.tokenizer)
-        linked = answer_is_neighbour(self.data["test"]["topic_entity"],
+        topics = [self.true_topics.get(q) for q in self.data["test"]["question_id"]]
+        linked = answer_is_neighbour([-1 if t is None else t for t in topics],
                                      self.data["test"]["answer_entity"], self.kg)
         for record, is_neighbour in zip(records, linked, strict=True):
             record["answer_is_neighbour"] = is_neighbour
