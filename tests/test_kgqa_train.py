@@ -220,6 +220,7 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
     assert saved["best_epoch"] == 1 + devs.index(max(devs))  # first best on dev
     rows = [json.loads(x) for x in (out / "predictions.test.jsonl").read_text().splitlines()]
     assert len(rows) == saved["test"]["total"] == 8
-    assert set(rows[0]) == {"question_id", "question", "answer", "predicted", "correct"}
+    assert set(rows[0]) == {"question_id", "question", "answer", "predicted", "correct",
+                            "answer_is_neighbour"}
     assert sum(r["correct"] for r in rows) == saved["test"]["correct"]
     assert not list(out.glob(".best.tmp-*"))
