@@ -117,7 +117,7 @@ class CrossAttentionAdapter(nn.Module):
             hidden_dropout = lm_config.hidden_dropout_prob
         self.dropout = nn.Dropout(hidden_dropout)
         if gated:
-            self.gate = nn.Parameter(torch.zeros(()))
+            self.gate = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed cannot broadcast 0-d
         else:
             self.norm = nn.LayerNorm(d, eps=lm_config.layer_norm_eps)
         for linear in (self.query, self.key, self.value, self.dense):
