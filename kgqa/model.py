@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedM
 from transformers.utils import ModelOutput
 
 from hitter_core.config import HittERConfig
-from hitter_core.data import default_data_dir, load_kg
+from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.adapters import (
@@ -272,13 +272,14 @@ def entity_name_pieces(entity_names: Sequence[str], tokenizer: Any) -> list[list
 
 def build_neighbour_index(
     kg_config: dict[str, Any], data_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None, kg: KnowledgeGraph | None = None,
 ) -> NeighbourIndex:
-    """The neighbour index of HittER's graph (``kg_config["dataset"]`` under ``data_dir``,
-    default $KGQA_DATA_DIR) in the order HittER was trained with (its neighbour-order seed);
-    cached under ``cache_dir``."""
+    """The neighbour index of HittER's graph (``kg``, or ``kg_config["dataset"]`` loaded from
+    ``data_dir``, default $KGQA_DATA_DIR) in the order HittER was trained with (its
+    neighbour-order seed); cached under ``cache_dir``."""
     hitter = HittERConfig.from_dict(kg_config)
-    kg = load_kg(Path(data_dir or default_data_dir()) / hitter.dataset)
+    if kg is None:
+        kg = load_kg(Path(data_dir or default_data_dir()) / hitter.dataset)
     if (hitter.num_entities, hitter.num_relations) != (kg.num_entities, kg.num_relations):
         raise ValueError(
             f"HittER has {hitter.num_entities} entities and {hitter.num_relations} relations, "

@@ -159,7 +159,7 @@ class Trainer:
                 raise ValueError(f"{model_config.kg_checkpoint}: HittER was trained on "
                                  f"{kg_name}; QA questions are linked to {DEFAULT_KG}")
             self.neighbours = build_neighbour_index(
-                self.model.config.kg_config, data_dir, cache_dir)
+                self.model.config.kg_config, data_dir, cache_dir, kg=kg)
         if self.model.copy_head is not None:
             self.model.copy_head.set_entity_names(
                 entity_name_pieces(kg.entity_names, self.tokenizer))
