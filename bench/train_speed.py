@@ -20,7 +20,15 @@ memory for reuse, as training does (``hitter_core.cpu_memory``; ``--no-keep-free
 glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
-        [--device cpu|cuda] [--no-keep-freed-memory] [model.hidden_size=128 train.lr=0.02 ...]
+        [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE]
+        [--no-keep-freed-memory] [model.hidden_size=128 train.lr=0.02 ...]
+
+``--bf16`` runs the step under bf16 autocast, as the DeepSpeed engine does on a GPU
+(``torch_autocast``; fp32 weights, gradients and optimizer state); ``--compile`` compiles each
+Transformer layer with ``torch.compile(dynamic=True)`` (the packed token count changes every
+step); ``--profile`` prints the top ops of one extra step (torch.profiler); ``--json`` writes
+the figures (bench/gpu/suite.sh collects them). The default warm-up is 2 steps on CPU and 10 on
+CUDA (kernel selection, the caching allocator, compilation).
 
 The evaluation batch is the preset's ``train.eval_batch_size`` (override it as any setting).
 
@@ -32,6 +40,8 @@ under load); on an idle machine the default is as fast or slightly faster.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import resource
 import statistics
 import time
@@ -54,16 +64,20 @@ from hitter_core.ranking import FilterIndex
 
 def make_train_step(
     model: HittER, index: NeighbourIndex, train: torch.Tensor, train_cfg: TrainConfig,
-    batch_size: int,
+    batch_size: int, bf16: bool = False,
 ) -> Callable[[], float]:
     """A closure running one training step on B random train triples; returns the loss.
-    The trainer's own pieces (batch, loss, optimizer, clipping), without DeepSpeed."""
+    The trainer's own pieces (batch, loss, optimizer, clipping), without DeepSpeed; with
+    ``bf16`` the forward runs under bf16 autocast."""
     optimizer = build_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    device_type = train.device.type
 
     def step() -> float:
-        batch = make_batch(train[torch.randint(len(train), (batch_size,))], index, model.config)
-        loss, _ = compute_loss(model, batch)
+        rows = torch.randint(len(train), (batch_size,), device=train.device)
+        batch = make_batch(train[rows], index, model.config)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = compute_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_per_tensor_(params, train_cfg.max_grad_norm)
@@ -71,6 +85,18 @@ def make_train_step(
         return loss.item()
 
     return step
+
+
+def print_profile(step: Callable[[], float], device: torch.device, rows: int = 15) -> None:
+    """The ``rows`` ops of one training step that took the most device time (self time)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
 def peak_memory(device: torch.device) -> str:
@@ -108,8 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as on a GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile(dynamic=True) each Transformer layer")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top ops of one more step (torch.profiler)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--eval-queries", type=int, default=2048,
                         help="valid queries to time, extrapolated to test; 0: the whole test")
     parser.add_argument("--seed", type=int, default=0)
@@ -127,10 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     data_dir = Path(train_cfg.data_dir) if train_cfg.data_dir else default_data_dir()
     kg = load_kg(data_dir / model_cfg.dataset)
+    model_cfg.num_entities, model_cfg.num_relations = kg.num_entities, kg.num_relations
     index = NeighbourIndex.build(kg, seed=model_cfg.neighbour_order_seed).to(device)
     filter_index = FilterIndex.build(kg)
     load_s = time.perf_counter() - t0
     model = HittER(model_cfg).to(device).train()
+    if args.compile:
+        for layer in (*model.pair_layers, *model.context_layers):
+            layer.compile(dynamic=True)
     n_params = sum(p.numel() for p in model.parameters())
     c = model_cfg
     print(f"{kg}\nmodel: {n_params:,} parameters, dim {c.hidden_size}, layers "
@@ -140,10 +177,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{'kept' if kept else 'returned'} (hitter_core.cpu_memory)")
     print(f"data + neighbour + filter index load: {load_s:.1f} s")
 
-    print(f"reference matmul (float32, 11008x320 @ 320x1280): {matmul_rate(device):,.0f} GFLOP/s")
-    step = make_train_step(model, index, kg.train, train_cfg, batch_size)
-    for _ in range(args.warmup):
+    rate = matmul_rate(device)
+    print(f"reference matmul (float32, 11008x320 @ 320x1280): {rate:,.0f} GFLOP/s")
+    step = make_train_step(model, index, kg.train.to(device), train_cfg, batch_size, args.bf16)
+    warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
+    t = time.perf_counter()
+    for _ in range(warmup):
         step()
+    sync(device)
+    warmup_s = time.perf_counter() - t
     times = []
     for _ in range(args.steps):
         sync(device)
@@ -154,8 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     mean, best = statistics.mean(times), min(times)
     print(f"train step: mean {mean:.3f} s, median {statistics.median(times):.3f} s, "
           f"best {best:.3f} s over {args.steps} steps")
+    epoch_s = mean * math.ceil(len(kg.train) / batch_size)
     print(f"throughput: {batch_size / mean:,.1f} triples/s (mean), "
-          f"{batch_size / best:,.1f} triples/s (best step)")
+          f"{batch_size / best:,.1f} triples/s (best step); {epoch_s:,.1f} s per epoch "
+          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}; "
+          f"warm-up {warmup} steps {warmup_s:.1f} s)")
+    if args.profile:
+        print_profile(step, device)
 
     # Evaluation: eval-mode scorer with the fixed neighbourhoods, filter and realistic rank.
     scorer = HittERScorer(model, index)
@@ -175,6 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluation: {len(src) / eval_s:,.0f} queries/s (batch {eval_batch}); "
           f"test split ({test_queries:,} queries) {eval_s * test_queries / len(src):.1f} s ({how})")
     print(f"peak memory: {peak_memory(device)}")
+    if args.json is not None:
+        figures = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "preset": args.preset, "batch_size": batch_size, "bf16": args.bf16,
+            "compile": args.compile, "matmul_gflops": rate, "step_s_mean": mean,
+            "step_s_best": best, "triples_per_s": batch_size / mean, "epoch_s": epoch_s,
+            "warmup_steps": warmup, "warmup_s": warmup_s, "eval_queries_per_s": len(src) / eval_s,
+            "test_eval_s": eval_s * test_queries / len(src), "test_eval_how": how,
+            "peak_memory": peak_memory(device),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), where
 
 
+def check_same_on_all_ranks(exists: bool, what: str, device: torch.device) -> None:
+    """Raise on every process unless all of them see ``what`` (e.g. a checkpoint to resume)
+    alike: rank 0 writes the checkpoints and every rank reads them, so several nodes need one
+    shared output directory."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flags = torch.tensor([float(exists), float(not exists)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # (all see it, none sees it)
+    if not flags.any():
+        raise RuntimeError(
+            f"{what} exists on some processes but not on others (rank {dist.get_rank()} on "
+            f"{socket.gethostname()}: {'found' if exists else 'missing'}); with several nodes "
+            f"the output directory must be on a file system they all share"
+        )
+
+
 def destroy_distributed() -> None:
     """Leave the process group through DeepSpeed, which also drops the groups it cached (torch's
     ``destroy_process_group`` leaves those behind, and the next engine in the same process,

@@ -201,7 +201,7 @@ def load_checkpoint_scorer(
             f"{model.config.num_relations} relations, {kg} differs"
         )
     # Evaluation reads the first max_neighbours tokens of the fixed order the model saw.
-    neighbour_index = NeighbourIndex.build(kg, seed=model.config.neighbour_order_seed)
+    neighbour_index = NeighbourIndex.build(kg, seed=model.config.neighbour_order_seed).to(device)
     return HittERScorer(model, neighbour_index), kg
 
 

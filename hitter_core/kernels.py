@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from hitter_core import cpu_kernels
 
+MAX_SDPA_BATCH = 65_535  # rows per scaled_dot_product_attention call (sdpa_attention)
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -34,7 +36,20 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) masked) v with dropout on the weights: q (B, Lq, H, d), kv
     (B, L, 2, H, d) keys and values (the layout of the fused projection), key_mask
-    (B, 1, 1, L) bool, True = real key, or None -> (B, Lq, H, d)."""
+    (B, 1, 1, L) bool, True = real key, or None -> (B, Lq, H, d).
+
+    Batches of more than :data:`MAX_SDPA_BATCH` rows run in chunks: CUDA's flash and
+    memory-efficient kernels launch one block per row in a grid dimension capped at 65,535
+    (pytorch/pytorch#146704), and the entity Transformer's batch is the number of distinct
+    (entity, relation) pairs, about 24.5k at the paper's batch of 512, more at larger ones."""
+    if q.shape[0] > MAX_SDPA_BATCH:
+        chunks = [
+            sdpa_attention(q[i : i + MAX_SDPA_BATCH], kv[i : i + MAX_SDPA_BATCH],
+                           None if key_mask is None else key_mask[i : i + MAX_SDPA_BATCH],
+                           dropout_p)
+            for i in range(0, q.shape[0], MAX_SDPA_BATCH)
+        ]
+        return torch.cat(chunks)
     q, k, v = q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4)  # (B, H, L*, d) each
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     return a.transpose(1, 2)  # (B, Lq, H, d)

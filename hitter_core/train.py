@@ -72,7 +72,12 @@ from hitter_core.config import (
 )
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.distributed import destroy_distributed, init_distributed, initialize_engine
+from hitter_core.distributed import (
+    check_same_on_all_ranks,
+    destroy_distributed,
+    init_distributed,
+    initialize_engine,
+)
 from hitter_core.evaluate import evaluate, format_table
 from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
@@ -98,7 +103,7 @@ class Trainer:
         resume: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
-        self.rank, self.world_size, _ = init_distributed(cfg.device)
+        self.rank, self.world_size, device = init_distributed(cfg.device)
         if kg is None:
             data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
             kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
@@ -113,6 +118,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
         last = existing_checkpoint(self.last_dir)
+        check_same_on_all_ranks(last is not None, f"{self.last_dir}", device)
         if last is not None and not resume:
             raise FileExistsError(
                 f"{self.output_dir} holds a checkpoint; pass --resume to continue it, or "

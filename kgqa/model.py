@@ -248,7 +248,10 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     the LM checkpoint lacked (newly initialised: the MLM head of the offline MiniLM, never
     bert-base-uncased's)."""
     config = copy.deepcopy(config)  # the model fills in lm_config, kg_config, layer_mapping
-    lm, info = BertForMaskedLM.from_pretrained(resolve_lm(config.lm), output_loading_info=True)
+    # float32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
+    # bf16): bf16 runs as autocast over fp32 master weights (hitter_core.distributed).
+    lm, info = BertForMaskedLM.from_pretrained(resolve_lm(config.lm), output_loading_info=True,
+                                               dtype=torch.float32)
     missing = set(info["missing_keys"])
     names: dict[int, list[str]] = {}
     for name, p in lm.named_parameters(remove_duplicate=False):  # tied weights: several names

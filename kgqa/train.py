@@ -181,15 +181,23 @@ class Trainer:
         self, data_dir: Path, cache_dir: Path, model_config: KGQAConfig,
         kg: KnowledgeGraph | None,
     ) -> dict[str, Dataset]:
-        """The cloze datasets of train / dev / test (rank 0 prepares the splits once); with
-        the controls and baselines of ``train.shuffle_topics`` and ``model.kg_text_length``."""
-        cfg = self.train_config
-        for rank in sorted({0, self.rank}):  # process 0 first: it may prepare the cache
+        """The cloze datasets of train / dev / test; process 0 first, so that it alone writes
+        the caches (prepared splits, tokenized cloze sets) and the others read them."""
+        for rank in sorted({0, self.rank}):
             if rank == self.rank:
-                splits = load_qa_splits(data_dir, cfg.dataset, cfg.split, cfg.dev_fraction,
-                                        cache_dir)
+                data = self._read_data(data_dir, cache_dir, model_config, kg)
             if self.world_size > 1 and rank == 0:
                 dist.barrier()
+        return data
+
+    def _read_data(
+        self, data_dir: Path, cache_dir: Path, model_config: KGQAConfig,
+        kg: KnowledgeGraph | None,
+    ) -> dict[str, Dataset]:
+        """The cloze datasets of train / dev / test, with the controls and baselines of
+        ``train.shuffle_topics`` and ``model.kg_text_length``."""
+        cfg = self.train_config
+        splits = load_qa_splits(data_dir, cfg.dataset, cfg.split, cfg.dev_fraction, cache_dir)
         if cfg.max_train_examples is not None:
             splits["train"] = splits["train"][: cfg.max_train_examples]
         if cfg.max_eval_examples is not None:

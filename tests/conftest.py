@@ -1,5 +1,6 @@
 """Shared fixtures: the real data directory (``$KGQA_DATA_DIR``, CI sets ``../shared/data``)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import torch
 from hitter_core.data import DATA_DIR_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The QA tests (test_kg*.py, test_qa*.py) import deepspeed, datasets and evaluate. Where one is
+# missing (a GPU machine before bench/gpu/prepare.sh's wheels are installed) they are left out,
+# so that `pytest -m gpu` still collects; in CI, which installs everything, that is an error.
+_MISSING = [name for name in ("deepspeed", "datasets", "evaluate")
+            if importlib.util.find_spec(name) is None]
+if _MISSING:
+    if os.environ.get("CI"):
+        raise ImportError(f"CI needs {', '.join(_MISSING)} (pip install -e '.[dev]')")
+    collect_ignore_glob = ["test_kg*.py", "test_qa*.py"]
 
 
 def _data_root() -> Path:

@@ -260,21 +260,35 @@ def optimizer_state(trainer: Trainer) -> dict:
     return copy.deepcopy(trainer.optimizer.state_dict()["state"])
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality on CPU; on CUDA within float32 noise (atomics reorder its sums)."""
+    if a.device.type == "cpu":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         for name in ("step", "exp_avg", "exp_inf"):
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+            assert same(a[key][name], b[key][name]), (key, name)
 
 
-def test_resume_after_crash_continues_exactly(tmp_path, one_thread):
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device")]),
+])
+def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
     """Run A trains 15 steps (3 epochs of 5, validating after each); run B crashes after step
     9, its last checkpoint is from step 8 (mid-epoch), and resuming it must give A's step-8
     weights and optimizer state, then finish with exactly A's final weights, optimizer state
-    and validation record. Dropout, MEP and neighbour sampling are on: they must replay."""
+    and validation record (on CUDA within float32 noise). Dropout, MEP and neighbour sampling
+    are on: they must replay."""
     kg = synthetic_kg(tmp_path)
     overrides = ("train.batch_size=8", "train.max_epochs=3", "train.save_every=4",
-                 "train.validate_every=1", "train.lr=0.01", "train.log_every=1")
+                 "train.validate_every=1", "train.lr=0.01", "train.log_every=1",
+                 f"train.device={device}")
     at_step_8 = {}
 
     def remember(step):
@@ -308,19 +322,25 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread):
     assert resumed.scheduler.last_epoch == 8
     assert_same_state(optimizer_state(resumed), at_step_8["optim"])
     for name, value in resumed.model.state_dict().items():
-        assert torch.equal(value, at_step_8["params"][name]), name
+        assert same(value, at_step_8["params"][name]), name
 
     resumed.fit()
-    assert resumed.state == run_a.state
+    if device == "cpu":
+        assert resumed.state == run_a.state
+    else:  # the same steps and validations; MRRs within float noise
+        assert resumed.state.step == run_a.state.step
+        assert resumed.state.best_mrr == pytest.approx(run_a.state.best_mrr, abs=1e-3)
     assert_same_state(optimizer_state(resumed), optimizer_state(run_a))
     for name, value in resumed.model.state_dict().items():
-        assert torch.equal(value, run_a.model.state_dict()[name]), name
+        assert same(value, run_a.model.state_dict()[name]), name
     records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
     # The crashed run's record of step 9 was dropped before the step was redone.
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
     assert [r["step"] for r in records if "valid_mrr" in r] == [5, 10, 15]
     saved = torch.load(tmp_path / "b" / "last" / TRAINER_STATE, weights_only=True)
-    assert TrainState(**saved["state"]) == run_a.state
+    assert TrainState(**saved["state"]).step == run_a.state.step
+    if device == "cpu":
+        assert TrainState(**saved["state"]) == run_a.state
 
 
 def test_validation_keeps_best_and_stops_early(tmp_path, one_thread):

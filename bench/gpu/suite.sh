@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The GPU suite: everything this project measures on a GPU, in one command of under 9 minutes,
+# most valuable first, each step under `timeout`, so that a rare, short GPU session is spent on
+# measuring rather than on setting up. Prepare here first (bench/gpu/prepare.sh fills .gpu/),
+# then on the GPU machine, with .gpu carried:
+#
+#   bash bench/gpu/suite.sh               # figures in $OUT (or runs/gpu-suite): results.json,
+#                                         # summary.md, logs.tar.gz (every step's log)
+#   bash bench/gpu/suite.sh --cpu-dry-run # the same steps on CPU with tiny budgets (CI runs it)
+#
+# Steps (name: what, time limit on the GPU; the whole suite stops starting steps at 530 s):
+#   env          versions, the GPU (nvidia-smi)                                        30 s
+#   gpu-tests    pytest -m gpu (tests/test_gpu.py, the CUDA resume test, ...)          120 s
+#   speed-*      bench/train_speed.py at the paper config, batch 512: fp32, bf16 (with a
+#                one-step profile), bf16 + torch.compile; s per epoch, peak memory,
+#                full filtered test evaluation time                          60 / 60 / 90 s
+#   train-wn18rr / train-fb15k-237   the paper config for about 60 s of steps each (sized
+#                from the bf16 step time), then valid + test: MRR and epochs done      2 x 120 s
+#   eval-fb15k-237  python -m hitter_core.evaluate on that checkpoint: full filtered test 45 s
+#   qa-smoke     kgqa.train: MiniLM (bf16 weights from .gpu), WebQSP filtered, one epoch,
+#                copy head over the FB15K-237 checkpoint, bf16 through DeepSpeed       100 s
+# A failed or timed-out step is recorded (results.json: rc, seconds) and the suite goes on.
+# Options: --cpu-dry-run, --only STEP[,STEP] (names as above; speed = all three speed steps).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+
+dry=0 only=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cpu-dry-run) dry=1; shift ;;
+    --only) only="$2"; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "suite.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+gpu_dir=$root/.gpu
+[[ -d $gpu_dir/wheels && -f $gpu_dir/data.tar.xz && -d $gpu_dir/minilm ]] || {
+  echo "suite.sh: $gpu_dir is incomplete: run bash bench/gpu/prepare.sh first (on a machine with the package registries)" >&2; exit 2; }
+
+out=${OUT:-$root/runs/gpu-suite}
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-suite.XXXXXX")
+mkdir -p "$out" "$work/logs"
+steps=$work/steps.tsv
+: >"$steps"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+# DeepSpeed's CPU op is built once into the usual extensions cache; the suite's own caches
+# (neighbour indexes, prepared QA splits) go to its work directory.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}
+export XDG_CACHE_HOME=$work/cache
+PYTHON=${PYTHON:-python3}
+
+# --- set-up: the wheels (GPU only: they are CPython 3.12 builds), the data, the LM --------------
+if [[ $dry == 0 ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$work/site" "$gpu_dir"/wheels/*.whl >"$work/logs/pip.log" 2>&1 \
+    || echo "suite.sh: wheel install failed (logs/pip.log); the steps that need them will fail" >&2
+  export PYTHONPATH=$root:$work/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p "$work/data"
+tar -C "$work/data" -xJf "$gpu_dir/data.tar.xz"
+export KGQA_DATA_DIR=$work/data
+if [[ $dry == 1 ]]; then  # evaluation on CPU: 200 valid / test triples, not tens of thousands
+  for f in "$work"/data/{fb15k-237,wn18rr}/{valid,test}.txt; do
+    head -n 200 "$f" >"$f.head" && mv "$f.head" "$f"
+  done
+fi
+
+if [[ $dry == 0 ]]; then
+  device=cuda speed_preset=fb15k-237 speed=(--batch-size 512 --steps 20)
+  speed_eval=(--eval-queries 0) t_test=120 t_speed=60 t_train=120 t_eval=45 t_qa=100
+  train_seconds=60 qa_sets=() budget=530
+else  # tiny budgets: every step runs, none measures anything
+  device=cpu speed_preset=cpu-small speed=(--batch-size 16 --steps 2 --warmup 1 --threads 2)
+  speed_eval=(--eval-queries 64) t_test=300 t_speed=120 t_train=300 t_eval=120 t_qa=300
+  train_seconds=0 qa_sets=(train.max_train_examples=32 train.max_eval_examples=16) budget=1200
+fi
+
+# step NAME SECONDS CMD...: run CMD under timeout, its output in logs/NAME.log, one line in
+# steps.tsv (name, rc, seconds); skipped when --only names other steps.
+# Every limit is cut to what is left of the suite's budget, so the whole stays inside the
+# device tool's 10 minutes a command.
+deadline=$(( $(date +%s) + budget ))
+step() {
+  local name=$1 limit=$2
+  shift 2
+  if [[ -n $only && ",$only," != *",$name,"* && ! ( $name == speed-* && ",$only," == *",speed,"* ) ]]; then
+    return 0
+  fi
+  local t0 rc left=$(( deadline - $(date +%s) ))
+  if (( left < 15 )); then
+    printf '%s\t%s\t0\n' "$name" 125 >>"$steps"
+    echo "== $name: skipped, the suite's ${budget}s budget is spent"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
+  t0=$(date +%s.%N)
+  echo "== $name (limit ${limit}s) $(date +%T)"
+  timeout --kill-after=10 "$limit" "$@" >"$work/logs/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%.1f\n' "$name" "$rc" "$(bc -l <<<"$(date +%s.%N) - $t0")" >>"$steps"
+  echo "   rc $rc, $(tail -n 1 "$steps" | cut -f3) s"
+  tail -n 3 "$work/logs/$name.log" | sed 's/^/   | /'
+}
+
+step env 30 bash -c "nvidia-smi || true; \"$PYTHON\" - <<'PY'
+import importlib.metadata as m, platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)
+print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')
+for p in ('transformers', 'deepspeed', 'datasets', 'evaluate', 'pyarrow', 'huggingface_hub',
+          'pydantic', 'safetensors'):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        print(p, 'MISSING')
+PY"
+
+step gpu-tests "$t_test" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/
+
+# On CPU the layers call hitter_core.cpu_kernels, which torch.compile does not trace (torch
+# 2.13: "setStorage ... out of bounds" in the backward): the compiled variant is GPU-only.
+variants=(fp32 bf16 compiled)
+[[ $dry == 1 ]] && variants=(fp32 bf16)
+for variant in "${variants[@]}"; do
+  flags=()
+  case $variant in
+    bf16) flags=(--bf16 --profile) ;;
+    compiled) flags=(--bf16 --compile) ;;
+  esac
+  limit=$t_speed
+  [[ $variant == compiled ]] && limit=$((t_speed * 3 / 2))  # compilation
+  step "speed-$variant" "$limit" "$PYTHON" bench/train_speed.py --preset "$speed_preset" \
+    --device "$device" "${speed[@]}" "${speed_eval[@]}" "${flags[@]}" \
+    --json "$work/speed-$variant.json"
+done
+
+# Steps for about train_seconds of training, from the bf16 step time at the paper's FB15K-237
+# config (WN18RR's steps are cheaper: 12 neighbours, not 50); the dry run takes 3 steps.
+steps_for_time() {
+  "$PYTHON" - "$work/speed-bf16.json" "$train_seconds" <<'PY'
+import json, sys
+path, seconds = sys.argv[1], float(sys.argv[2])
+try:
+    step_s = json.load(open(path))["step_s_mean"]
+except (OSError, KeyError, ValueError):
+    step_s = 0.1  # no figure: assume 10 steps a second
+print(max(3, int(seconds / step_s)) if seconds else 3)
+PY
+}
+for dataset in wn18rr fb15k-237; do
+  preset=$dataset sets=()
+  if [[ $dry == 1 ]]; then
+    preset=cpu-small sets=(model.dataset="$dataset" train.batch_size=32 train.eval_batch_size=256)
+  fi
+  n=$(steps_for_time)
+  step "train-$dataset" "$t_train" "$PYTHON" -m hitter_core.train --preset "$preset" \
+    --output-dir "$work/runs/$dataset" "${sets[@]}" train.max_steps="$n" \
+    train.validate_every=1000 train.device="$device"
+done
+
+step eval-fb15k-237 "$t_eval" "$PYTHON" -m hitter_core.evaluate "$work/runs/fb15k-237/best" \
+  --device "$device" --no-progress --output "$work/eval-fb15k-237.json"
+
+kg_sets=(model.kg_checkpoint=null)
+if [[ -f $work/runs/fb15k-237/best/config.json ]]; then
+  kg_sets=(model.kg_checkpoint="$work/runs/fb15k-237/best" model.adapter=none model.copy_head=true
+           model.max_neighbours=256)
+fi
+step qa-smoke "$t_qa" "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu \
+  --output-dir "$work/runs/qa-smoke" --data-dir "$KGQA_DATA_DIR" model.lm="$gpu_dir/minilm" \
+  "${kg_sets[@]}" train.epochs=1 \
+  "${qa_sets[@]}"
+
+# --- results: one JSON of every figure, a Markdown summary, the logs -----------------------------
+cp "$steps" "$work/logs/steps.tsv"
+for f in "$work"/speed-*.json "$work"/eval-fb15k-237.json; do [[ -f $f ]] && cp "$f" "$work/logs/"; done
+for d in wn18rr fb15k-237 qa-smoke; do
+  for f in test_metrics.json metrics.json metrics.jsonl train.log; do
+    [[ -f $work/runs/$d/$f ]] && cp "$work/runs/$d/$f" "$work/logs/$d-$f"
+  done
+done
+"$PYTHON" bench/gpu/collect.py "$work" --dry-run "$dry" --out "$out"
+tar -C "$work" -czf "$out/logs.tar.gz" logs
+echo "wrote $out/results.json, $out/summary.md, $out/logs.tar.gz"
+failed=$(awk -F'\t' '$2 != 0' "$steps" | wc -l)
+[[ $dry == 1 && $failed -gt 0 ]] && { echo "suite.sh: $failed step(s) failed in the dry run" >&2; exit 1; }
+exit 0
