@@ -192,6 +192,8 @@ def load_checkpoint_scorer(
     checkpoint: str, data_dir: Path, device: torch.device
 ) -> tuple[Scorer, KnowledgeGraph]:
     """Load a HittER directory saved by ``save_pretrained``, its dataset and its scorer."""
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a HittER checkpoint directory (no config.json)")
     model = HittER.from_pretrained(checkpoint).to(device).eval()
     kg = load_kg(Path(data_dir) / model.config.dataset)
     if (kg.num_entities, kg.num_relations) != (model.config.num_entities,

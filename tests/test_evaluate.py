@@ -212,3 +212,8 @@ def test_fb15k237_constant_scorer_matches_hand_ranks(fb15k237):
     assert m["both"]["mrr"] == pytest.approx(float((1 / expected).mean()), rel=1e-12)
     # Per-relation counts add up to the split.
     assert sum(v["count"] for v in m["per_relation"].values()) == num_t
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a HittER checkpoint directory"):
+        main([str(tmp_path / "missing"), "--no-progress"])

@@ -60,7 +60,8 @@ else
   export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 fi
 mkdir -p "$work/data"
-tar -C "$work/data" -xJf "$gpu_dir/data.tar.xz"
+"$PYTHON" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+  "$gpu_dir/data.tar.xz" "$work/data"  # Python's lzma: no xz binary needed
 export KGQA_DATA_DIR=$work/data
 if [[ $dry == 1 ]]; then  # evaluation on CPU: 200 valid / test triples, not tens of thousands
   for f in "$work"/data/{fb15k-237,wn18rr}/{valid,test}.txt; do
@@ -100,7 +101,8 @@ step() {
   echo "== $name (limit ${limit}s) $(date +%T)"
   timeout --kill-after=10 "$limit" "$@" >"$work/logs/$name.log" 2>&1
   rc=$?
-  printf '%s\t%s\t%.1f\n' "$name" "$rc" "$(bc -l <<<"$(date +%s.%N) - $t0")" >>"$steps"
+  awk -v n="$name" -v rc="$rc" -v t0="$t0" -v t1="$(date +%s.%N)" \
+    'BEGIN { printf "%s\t%s\t%.1f\n", n, rc, t1 - t0 }' >>"$steps"
   echo "   rc $rc, $(tail -n 1 "$steps" | cut -f3) s"
   tail -n 3 "$work/logs/$name.log" | sed 's/^/   | /'
 }
