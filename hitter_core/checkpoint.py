@@ -56,6 +56,25 @@ class TrainState:
     stopped_early: bool = False
 
 
+RUN_FILES = (RUN_CONFIG_NAME, "ds_config.json", "metrics.jsonl", "tensorboard", "last",
+             "last.old", "best", "best.old", "test_metrics.json", "test_metrics.txt")
+
+
+def remove_run(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what a run wrote to ``output_dir`` (``--overwrite``); returns the names."""
+    removed = []
+    for name in RUN_FILES:
+        path = Path(output_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def existing_checkpoint(path: str | os.PathLike) -> Path | None:
     """``path`` if it is a complete checkpoint directory, else its ``.old`` copy left by a
     crash during :func:`replace_dir`, else None."""

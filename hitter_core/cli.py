@@ -25,12 +25,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a training run, alike in both stages: ``--data-dir``, ``--output-dir``
     (shorthands of ``train.data_dir`` / ``train.output_dir``), ``--ds-config``, ``--resume``,
+    ``--overwrite``,
     and the launcher's hidden ``--local_rank`` (LOCAL_RANK in the environment is used)."""
     parser.add_argument("--data-dir", help="data root (default: $KGQA_DATA_DIR)")
     parser.add_argument("--output-dir", help="run directory (default: the preset's)")
     parser.add_argument("--ds-config", help="DeepSpeed JSON config (default: ds_config.json)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/last if it exists (else start afresh)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the run already in OUTPUT_DIR first (else it is an error)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 

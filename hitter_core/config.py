@@ -146,7 +146,7 @@ class TrainConfig:
     clip_per_tensor: bool = True  # the reference clips each parameter tensor separately
     # Validation: filtered valid MRR (filter includes test triples), keep the best.
     validate_every: int = 5  # epochs
-    patience: int = 10  # validations without improvement before stopping
+    patience: int = 10  # validations without improvement before stopping; 0 = never stop
     log_every: int = 100  # steps
     save_every: int = 200  # steps between "last" checkpoints (also after each validation)
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -160,6 +160,10 @@ class TrainConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.save_every < 0:
             raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
+        if self.patience < 0:
+            raise ValueError(f"train.patience must be >= 0 (0 = never stop), got {self.patience}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
 
@@ -338,6 +342,24 @@ def save_sections(path: str | Path, configs: Mapping[str, Any]) -> None:
     """Write the resolved configuration as YAML (readable back by :func:`load_sections`)."""
     text = yaml.safe_dump(sections_to_dict(configs), sort_keys=False)
     Path(path).write_text(text, encoding="utf-8")
+
+
+LOCATIONS = ("output_dir", "data_dir", "cache_dir")  # may differ between a run and its resume
+
+
+def check_same_config(saved: str | Path, configs: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming every setting in which ``configs`` (the resolved
+    sections) differs from the run config saved at ``saved`` (:func:`save_sections`), the
+    locations :data:`LOCATIONS` aside: a resumed run must continue the run it resumes."""
+    now = yaml.safe_load(yaml.safe_dump(sections_to_dict(configs), sort_keys=False))
+    before = yaml.safe_load(Path(saved).read_text(encoding="utf-8")) or {}
+    changed = [f"{section}.{key}: {before.get(section, {}).get(key)!r} saved, {value!r} now"
+               for section, values in now.items() for key, value in values.items()
+               if before.get(section, {}).get(key) != value and key not in LOCATIONS]
+    if changed:
+        raise ConfigError(
+            f"--resume: {saved} differs from this configuration ({'; '.join(changed)}); "
+            f"resume with the saved settings (--preset {saved}) or pass --overwrite")
 
 
 def load_config(

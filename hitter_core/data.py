@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data/prepared"))
 
 
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of a UTF-8 text file; a line that is not valid
+    UTF-8 raises :class:`DataFormatError` naming file:line."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                yield line_no, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start}: "
+                                      f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8"
+                                      ) from None
+
+
 def read_triples(path: Path) -> list[tuple[str, str, str]]:
     """Read ``head<TAB>relation<TAB>tail`` lines; blank lines are skipped, anything else that
     is not exactly three non-empty fields raises :class:`DataFormatError` naming file:line."""
@@ -45,20 +59,18 @@ def read_triples(path: Path) -> list[tuple[str, str, str]]:
             f"test.txt; see data/README.md for where to get them."
         )
     triples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 3:
-                raise DataFormatError(
-                    f"{path}:{line_no}: expected 3 tab-separated fields (head, relation, tail), "
-                    f"got {len(fields)}: {line[:200]!r}"
-                )
-            if any(not x.strip() for x in fields):
-                raise DataFormatError(f"{path}:{line_no}: empty field in {line[:200]!r}")
-            triples.append((fields[0].strip(), fields[1].strip(), fields[2].strip()))
+    for line_no, line in read_lines(path):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise DataFormatError(
+                f"{path}:{line_no}: expected 3 tab-separated fields (head, relation, tail), "
+                f"got {len(fields)}: {line[:200]!r}"
+            )
+        if any(not x.strip() for x in fields):
+            raise DataFormatError(f"{path}:{line_no}: empty field in {line[:200]!r}")
+        triples.append((fields[0].strip(), fields[1].strip(), fields[2].strip()))
     if not triples:
         raise DataFormatError(f"{path}: the split is empty (no triples)")
     return triples
@@ -67,15 +79,13 @@ def read_triples(path: Path) -> list[tuple[str, str, str]]:
 def read_names(path: Path) -> dict[str, str]:
     """``id<TAB>name`` lines (extra columns ignored); malformed lines raise naming file:line."""
     names = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < 2 or not fields[0].strip():
-                raise DataFormatError(f"{path}:{line_no}: expected 'id<TAB>name', got {line!r}")
-            names[fields[0].strip()] = fields[1].strip()
+    for line_no, line in read_lines(path):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip():
+            raise DataFormatError(f"{path}:{line_no}: expected 'id<TAB>name', got {line!r}")
+        names[fields[0].strip()] = fields[1].strip()
     return names
 
 
@@ -155,20 +165,31 @@ def load_kg(directory: str | os.PathLike, drop_unseen: bool = False) -> Knowledg
     seen = torch.zeros(len(entity_index), dtype=torch.bool)
     seen[splits["train"][:, 0]] = True
     seen[splits["train"][:, 2]] = True
+    seen_relation = torch.zeros(len(relation_index), dtype=torch.bool)
+    seen_relation[splits["train"][:, 1]] = True
     num_unseen = {}
     for split in ("valid", "test"):
         ok = seen[splits[split][:, 0]] & seen[splits[split][:, 2]]
-        num_unseen[split] = int((~ok).sum())
-        if num_unseen[split]:
-            action = "dropped" if drop_unseen else "kept (standard protocol)"
+        ok_relation = seen_relation[splits[split][:, 1]]
+        num_unseen[split] = int((~(ok & ok_relation)).sum())
+        action = "dropped" if drop_unseen else "kept (standard protocol)"
+        if (~ok).any():
             logger.warning(
                 "%s/%s.txt: %d triples involve an entity not in train; %s",
-                directory.name, split, num_unseen[split], action,
+                directory.name, split, int((~ok).sum()), action,
             )
-            if drop_unseen:
-                splits[split] = splits[split][ok]
-                if len(splits[split]) == 0:
-                    raise DataFormatError(f"{directory}/{split}.txt: empty after drop_unseen")
+        if (~ok_relation).any():
+            logger.warning(
+                "%s/%s.txt: %d triples have a relation not in train (%s); %s",
+                directory.name, split, int((~ok_relation).sum()), ", ".join(sorted(
+                    {list(relation_index)[r] for r in splits[split][~ok_relation, 1].tolist()}
+                )[:5]), action,
+            )
+        ok = ok & ok_relation
+        if num_unseen[split] and drop_unseen:
+            splits[split] = splits[split][ok]
+            if len(splits[split]) == 0:
+                raise DataFormatError(f"{directory}/{split}.txt: empty after drop_unseen")
 
     entities = list(entity_index)
     names_file = directory / "entity_names.tsv"

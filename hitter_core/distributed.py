@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     from deepspeed.accelerator import get_accelerator
 
     cuda = get_accelerator().device_name() == "cuda"
+    if not cuda:
+        check_build_locks()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     where = torch.device("cpu")
@@ -57,6 +60,31 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(where)
     return dist.get_rank(), dist.get_world_size(), where
+
+
+STALE_LOCK_SECONDS = 600  # building DeepSpeed's CPU communication op takes 1-2 minutes
+
+
+class StaleBuildLock(FileExistsError):
+    """A build lock left by an interrupted build of a DeepSpeed op."""
+
+
+def check_build_locks(now: float | None = None) -> None:
+    """Raise :class:`StaleBuildLock` if a DeepSpeed op build in the torch extensions cache
+    (``$TORCH_EXTENSIONS_DIR``) left its ``lock`` file more than :data:`STALE_LOCK_SECONDS`
+    ago: torch waits on such a lock forever, without a word."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch._appdirs import user_cache_dir
+
+        root = user_cache_dir(appname="torch_extensions")
+    now = time.time() if now is None else now
+    for lock in (*Path(root).glob("deepspeed_*/lock"), *Path(root).glob("*/deepspeed_*/lock")):
+        age = now - lock.stat().st_mtime
+        if age > STALE_LOCK_SECONDS:
+            raise StaleBuildLock(
+                f"{lock}: left by a build of a DeepSpeed op interrupted {age / 60:.0f} minutes "
+                f"ago; every run would wait on it forever. Remove the file and run again")
 
 
 def check_same_on_all_ranks(exists: bool, what: str, device: torch.device) -> None:

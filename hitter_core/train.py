@@ -58,6 +58,7 @@ from hitter_core.checkpoint import (
     TrainState,
     existing_checkpoint,
     load_checkpoint,
+    remove_run,
     save_checkpoint,
     trainer_state_dict,
 )
@@ -67,6 +68,7 @@ from hitter_core.config import (
     RUN_CONFIG_NAME,
     HittERConfig,
     TrainConfig,
+    check_same_config,
     load_config,
     save_config,
 )
@@ -101,6 +103,7 @@ class Trainer:
         kg: KnowledgeGraph | None = None,
         ds_config: str | Path | None = None,
         resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
         self.rank, self.world_size, device = init_distributed(cfg.device)
@@ -117,13 +120,21 @@ class Trainer:
         self.kg, self.model_config = kg, model_config
         self.output_dir = Path(cfg.output_dir)
         self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
+        if overwrite and self.rank == 0 and (removed := remove_run(self.output_dir)):
+            logger.warning("%s: removed the previous run (--overwrite): %s", self.output_dir,
+                           ", ".join(removed))
+        if overwrite and self.world_size > 1:
+            dist.barrier()
         last = existing_checkpoint(self.last_dir)
         check_same_on_all_ranks(last is not None, f"{self.last_dir}", device)
         if last is not None and not resume:
             raise FileExistsError(
-                f"{self.output_dir} holds a checkpoint; pass --resume to continue it, or "
-                f"choose another output directory"
+                f"{self.output_dir} holds a checkpoint; pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another output directory"
             )
+        saved_config = self.output_dir / RUN_CONFIG_NAME
+        if last is not None and saved_config.is_file():  # resume the same run, or refuse
+            check_same_config(saved_config, {"model": model_config, "train": cfg})
 
         per_rank = len(kg.train) // self.world_size
         if per_rank < 1:
@@ -163,7 +174,8 @@ class Trainer:
         self.metrics = None
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.output_dir / RUN_CONFIG_NAME, model_config, cfg)
+            if last is None or not saved_config.is_file():  # the original record stays
+                save_config(saved_config, model_config, cfg)
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.metrics = MetricsLogger(self.output_dir)
             self.metrics.truncate_after(self.state.step)
@@ -260,7 +272,7 @@ class Trainer:
             logger.info("step %d: valid MRR %.4f (best %.4f at step %d)%s", st.step, mrr,
                         st.best_mrr, st.best_step, "" if improved else
                         f", {st.bad_validations}/{cfg.patience} without improvement")
-            stop[0] = float(st.bad_validations >= cfg.patience)
+            stop[0] = float(cfg.patience > 0 and st.bad_validations >= cfg.patience)
         dist.broadcast(stop, src=0)
         st.stopped_early = bool(stop.item())
         if st.stopped_early and self.rank == 0:
@@ -333,10 +345,12 @@ def train(
     ds_config: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> Trainer:
     """Train (``Trainer.fit``) and test the best checkpoint; returns the trainer, whose
     ``state`` and ``output_dir`` hold the outcome. ``kg`` defaults to the configured dataset."""
-    trainer = Trainer(model_config, train_config, kg=kg, ds_config=ds_config, resume=resume)
+    trainer = Trainer(model_config, train_config, kg=kg, ds_config=ds_config, resume=resume,
+                      overwrite=overwrite)
     trainer.fit(on_step=on_step)
     trainer.test()
     return trainer
@@ -375,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if on_cpu and not args.no_keep_freed_memory:
         keep_freed_memory()
-    train(model_config, train_config, ds_config=args.ds_config, resume=args.resume)
+    train(model_config, train_config, ds_config=args.ds_config, resume=args.resume,
+          overwrite=args.overwrite)
     destroy_distributed()
     return 0
 

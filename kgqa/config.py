@@ -137,6 +137,8 @@ class QATrainConfig:
         for name in ("batch_size", "eval_batch_size", "epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ValueError(f"train.patience must be >= 0 (0 = never stop), got {self.patience}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"train.zero_stage must be 0, 1 or 2 (3 shards the weights), "
                              f"got {self.zero_stage}")

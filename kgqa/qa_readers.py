@@ -117,6 +117,9 @@ def _load_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}: malformed JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not valid UTF-8 at byte {e.start}; save the file as "
+                              f"UTF-8") from None
 
 
 def _get(record: Mapping[str, Any], key: str, where: str) -> Any:
@@ -132,6 +135,14 @@ def _mid(value: Any, where: str) -> str | None:
         return None
     if not isinstance(value, str) or not _MID.match(value):
         raise DataFormatError(f"{where}: malformed Freebase MID {value!r} (expected e.g. m.0abc)")
+    return value
+
+
+def _name(value: Any, where: str) -> str | None:
+    """An answer name: a string, or null (no name: the question is skipped and counted)."""
+    if value is not None and not isinstance(value, str):
+        raise DataFormatError(f"{where}: answer name {value!r} is a {type(value).__name__}, "
+                              f"not a string")
     return value
 
 
@@ -163,7 +174,7 @@ def read_webqsp(path: str | Path) -> list[Question]:
             for a in _get(p, "Answers", where):
                 is_entity = _get(a, "AnswerType", where) == "Entity"
                 mid = _mid(_get(a, "AnswerArgument", where), where) if is_entity else None
-                answers.append(Answer(mid, _get(a, "EntityName", where)))
+                answers.append(Answer(mid, _name(_get(a, "EntityName", where), where)))
             parses.append(Parse(topic, tuple(answers)))
         out.append(Question(qid, _text(_get(q, "RawQuestion", where), where), tuple(parses)))
     return out
@@ -186,7 +197,7 @@ def read_freebaseqa_json(path: str | Path) -> list[Question]:
                 names = _get(a, "AnswersName", where)
                 if isinstance(names, str):
                     names = [names]
-                name = names[0] if isinstance(names, list) and names else None
+                name = _name(names[0], where) if isinstance(names, list) and names else None
                 answers.append(Answer(_mid(_get(a, "AnswersMid", where), where), name))
             parses.append(Parse(topic, tuple(answers)))
         out.append(Question(qid, _text(_get(q, "RawQuestion", where), where), tuple(parses)))

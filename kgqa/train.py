@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,18 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from hitter_core.checkpoint import write_dir_atomically
-from hitter_core.cli import add_config_arguments, apply_run_arguments, run_cli
+from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
 from hitter_core.config import (
     DEFAULT_KG,
-    RUN_CONFIG_NAME,
     HittERConfig,
     load_sections,
-    save_sections,
 )
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed, initialize_engine
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
+from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, save_last
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
 from kgqa.data import answer_is_neighbour, shuffle_topics
 from kgqa.evaluate import (
@@ -132,7 +131,7 @@ class Trainer:
 
     def __init__(
         self, model_config: KGQAConfig, train_config: QATrainConfig,
-        ds_config: str | Path | None = None,
+        ds_config: str | Path | None = None, resume: bool = False, overwrite: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
         self.rank, self.world_size, self.device = init_distributed()
@@ -142,9 +141,10 @@ class Trainer:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         if self.rank == 0:  # resolved config first: it records what was asked for
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_sections(self.output_dir / RUN_CONFIG_NAME,
-                          {"model": model_config, "train": cfg})
+            prepare_output_dir(self.output_dir, {"model": model_config, "train": cfg},
+                               resume, overwrite)
+        if self.world_size > 1:
+            dist.barrier()
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_lm(model_config.lm))
         # The graph the questions are linked to (HittER's, the text baseline's, the report's).
@@ -174,8 +174,15 @@ class Trainer:
         total_steps = cfg.epochs * len(self.train_loader)
         self.engine = build_engine(self.model, cfg, total_steps, fresh, ds_config)
         self.device = self.engine.device
-        self.history: list[dict[str, Any]] = []
-        self.best, self.best_epoch, self.train_seconds = -1.0, 0, 0.0
+        self.state = QATrainState()
+        if resume:
+            self.state = load_last(self.engine, self.output_dir, self.collate_generator) or (
+                self.state)
+
+    @property
+    def collate_generator(self) -> torch.Generator | None:
+        """The generator of the training batches' random neighbourhoods (saved in last/)."""
+        return self.train_loader.collate_fn.generator
 
     def _load_data(
         self, data_dir: Path, cache_dir: Path, model_config: KGQAConfig,
@@ -236,13 +243,16 @@ class Trainer:
         self.engine.module.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
 
-    def fit(self) -> float:
+    def fit(self, on_epoch: Callable[[int], None] | None = None) -> float:
         """Epochs of shuffled batches, dev accuracy every ``eval_every`` epochs (process 0),
         the best model saved to ``best/``, early stopping after ``patience`` evaluations
-        without improvement. Returns the best dev accuracy."""
-        cfg, engine, metric = self.train_config, self.engine, load_metric()
-        since_best, started = 0, time.time()
-        for epoch in range(1, cfg.epochs + 1):
+        without improvement, ``last/`` after every epoch (a resumed run continues after the
+        last finished epoch). ``on_epoch(epoch)`` is called after each (tests). Returns the
+        best dev accuracy."""
+        cfg, engine, metric, st = self.train_config, self.engine, load_metric(), self.state
+        for epoch in range(st.epoch + 1, cfg.epochs + 1):
+            if st.stopped:
+                break
             self.train_loader.sampler.set_epoch(epoch)
             engine.train()
             t0, losses = time.time(), []
@@ -256,32 +266,31 @@ class Trainer:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             entry = {"epoch": epoch, "train_loss": sum(losses) / len(losses),
                      "seconds": time.time() - t0}
-            self.history.append(entry)
-            stop = False
+            st.history.append(entry)
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 if self.rank == 0:
                     dev = accuracy(predict(engine.module, self.dev_loader, self.device), metric)
                     entry["dev_accuracy"] = dev["accuracy"]
-                    if dev["accuracy"] > self.best:
-                        self.best, self.best_epoch, since_best = dev["accuracy"], epoch, 0
+                    if dev["accuracy"] > st.best:
+                        st.best, st.best_epoch, st.since_best = dev["accuracy"], epoch, 0
                         write_dir_atomically(self.best_dir, self._save_best)
                     else:
-                        since_best += 1
-                    stop = cfg.patience > 0 and since_best >= cfg.patience
+                        st.since_best += 1
+                    st.stopped = cfg.patience > 0 and st.since_best >= cfg.patience
                     logger.info("epoch %d: loss %.4f, dev accuracy %.4f (best %.4f, epoch %d), "
                                 "%.0f s", epoch, entry["train_loss"], dev["accuracy"],
-                                self.best, self.best_epoch, entry["seconds"])
-                stop = _broadcast(stop)
+                                st.best, st.best_epoch, entry["seconds"])
+                st.stopped = _broadcast(st.stopped)
             elif self.rank == 0:
                 logger.info("epoch %d: loss %.4f, %.0f s", epoch, entry["train_loss"],
                             entry["seconds"])
-            if stop:
+            st.epoch, st.train_seconds = epoch, st.train_seconds + time.time() - t0
+            save_last(engine, self.output_dir, st, self.collate_generator)
+            if on_epoch is not None:
+                on_epoch(epoch)
+            if st.stopped:
                 logger.info("no dev improvement in %d evaluations: stopping", cfg.patience)
-                break
-        self.train_seconds = time.time() - started
-        if self.world_size > 1:
-            dist.barrier()
-        return self.best
+        return st.best
 
     def test(self) -> dict[str, Any] | None:
         """Test accuracy of ``best/`` (reloaded from disk), once, on process 0: writes the
@@ -307,24 +316,32 @@ class Trainer:
             "dataset": cfg.dataset, "split": cfg.split, "lm": Path(model_cfg.lm).name,
             "kg": kg_mode, "kg_checkpoint": model_cfg.kg_checkpoint, "seed": cfg.seed,
             "variant": run_variant(model_cfg, cfg),
-            "best_epoch": self.best_epoch,
-            "dev": {"accuracy": self.best, "total": len(self.data["dev"])},
-            "test": test, "epochs_run": len(self.history), "history": self.history,
-            "train_examples": len(self.data["train"]), "train_seconds": self.train_seconds,
+            "best_epoch": self.state.best_epoch,
+            "dev": {"accuracy": self.state.best, "total": len(self.data["dev"])},
+            "test": test, "epochs_run": self.state.epoch, "history": self.state.history,
+            "train_examples": len(self.data["train"]),
+            "train_seconds": self.state.train_seconds,
             "world_size": self.world_size, "device": str(self.device),
             "zero_stage": cfg.zero_stage,
         }
         (self.output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         logger.info("test accuracy %.4f (%d / %d), best epoch %d, dev %.4f", test["accuracy"],
-                    test["correct"], test["total"], self.best_epoch, self.best)
+                    test["correct"], test["total"], self.state.best_epoch, self.state.best)
         return metrics
 
 
 def train(
-    model_config: KGQAConfig, train_config: QATrainConfig, ds_config: str | Path | None = None
-) -> Trainer:
-    """Fine-tune (``Trainer.fit``) and test the best checkpoint; returns the trainer."""
-    trainer = Trainer(model_config, train_config, ds_config=ds_config)
+    model_config: KGQAConfig, train_config: QATrainConfig, ds_config: str | Path | None = None,
+    resume: bool = False, overwrite: bool = False,
+) -> Trainer | None:
+    """Fine-tune (``Trainer.fit``) and test the best checkpoint; returns the trainer. With
+    ``resume``, a run that finished (its metrics.json exists) is left as it is (None)."""
+    finished = Path(train_config.output_dir) / METRICS_FILE
+    if resume and not overwrite and finished.is_file():
+        logger.info("%s: the run finished already; nothing to resume", finished)
+        return None
+    trainer = Trainer(model_config, train_config, ds_config=ds_config, resume=resume,
+                      overwrite=overwrite)
     trainer.fit()
     trainer.test()
     return trainer
@@ -341,11 +358,7 @@ def parse_args(
         description="Fine-tune the KG-enhanced masked LM for cloze QA (DeepSpeed).",
     )
     add_config_arguments(parser, DEFAULT_PRESET)
-    parser.add_argument("--data-dir", help="data root (default: $KGQA_DATA_DIR)")
-    parser.add_argument("--output-dir", help="run directory (default: the preset's)")
-    parser.add_argument("--ds-config", help="DeepSpeed JSON config (default: ds_config.json)")
-    # The DeepSpeed launcher passes --local_rank; LOCAL_RANK in the environment is used.
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    add_run_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     configs = load_sections(QA_SCHEMA, args.preset, args.overrides)
     apply_run_arguments(configs["train"], args)
@@ -359,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         level=logging.INFO if rank0 else logging.WARNING, stream=sys.stdout)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # per-checkpoint save/load bars
-    train(model_config, train_config, ds_config=args.ds_config)
+    train(model_config, train_config, ds_config=args.ds_config, resume=args.resume,
+          overwrite=args.overwrite)
     return 0
 
 

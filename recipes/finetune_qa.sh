@@ -60,7 +60,7 @@ for ((i = 0; i < seeds; i++)); do
   port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   echo "== preset $preset, kg $kg_tag, seed $s -> $out/seed$s"
   "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
-    --module kgqa.train --preset "$preset" --output-dir "$out/seed$s" \
+    --module kgqa.train --preset "$preset" --output-dir "$out/seed$s" --resume \
     "${sets[@]}" "train.seed=$s" "${extra[@]}"
 done
 

@@ -12,7 +12,8 @@
 # trainer prints the test table at the end (also in OUTPUT_DIR/test_metrics.txt). Environment:
 #   PYTHON                  the interpreter with the project installed (default: python)
 #   LAUNCHER=torchrun       torchrun --standalone instead of the deepspeed launcher (same code)
-#   DEEPSPEED_ARGS="..."    extra deepspeed-launcher arguments, e.g. "--hostfile hosts"
+#   DEEPSPEED_ARGS="..."    extra deepspeed-launcher arguments, e.g. "--hostfile hosts" (the
+#                           port is a free one unless DEEPSPEED_ARGS has --master_port)
 #   TORCHRUN_ARGS="..."     extra torchrun arguments
 #   KGQA_DATA_DIR           data root (default data/prepared); HF_HUB_OFFLINE is passed through
 #   TORCH_EXTENSIONS_DIR    where DeepSpeed builds its CPU communication op once (~1-2 min)
@@ -51,15 +52,16 @@ train_args=(--preset "$preset" --output-dir "$output_dir" "${args[@]}")
 mkdir -p "$output_dir"
 echo "pretrain_kg: preset $preset, $nproc process(es), output $output_dir"
 
+# The launcher replaces this shell (exec), so a signal to the recipe reaches it and it stops
+# its workers; the trainer prints the test table and where it wrote it.
 if [[ "${LAUNCHER:-deepspeed}" == torchrun ]]; then
   # shellcheck disable=SC2086
-  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" ${TORCHRUN_ARGS:-} \
-    -m hitter_core.train "${train_args[@]}"
-else
-  # --no_local_rank: the trainer reads LOCAL_RANK from the environment.
-  # shellcheck disable=SC2086
-  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --no_local_rank ${DEEPSPEED_ARGS:-} \
-    --module hitter_core.train "${train_args[@]}"
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+    ${TORCHRUN_ARGS:-} -m hitter_core.train "${train_args[@]}"
 fi
-
-echo "pretrain_kg: done; run directory $output_dir (test table in test_metrics.txt)"
+# A free port: other jobs on the machine may hold the launcher's default (29500).
+port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# --no_local_rank: the trainer reads LOCAL_RANK from the environment.
+# shellcheck disable=SC2086
+exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --no_local_rank \
+  --master_port "$port" ${DEEPSPEED_ARGS:-} --module hitter_core.train "${train_args[@]}"

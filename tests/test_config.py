@@ -96,6 +96,9 @@ def test_overrides_apply_with_types():
         ("train.batch_size=0", Exception, "batch_size"),
         ("model.hidden_size=100", Exception, "num_attention_heads"),
         ("model.output_dropout=1.5", Exception, "output_dropout"),
+        ("train.patience=-1", Exception, "train.patience must be >= 0 (0 = never stop)"),
+        ("train.max_steps=0", Exception, "train.max_steps must be >= 1 or null"),
+        ("train.max_steps=-5", Exception, "train.max_steps must be >= 1 or null"),
     ],
 )
 def test_bad_overrides_fail_clearly(override, error, words):

@@ -63,6 +63,26 @@ def test_unseen_entities_kept_and_counted_or_dropped(tmp_path, caplog):
     assert dropped.num_entities == 3  # the vocabulary still covers every split
 
 
+def test_unseen_relation_counted_named_and_dropped(tmp_path, caplog):
+    root = write_kg(tmp_path / "g", "a\tr\tb\n", valid="a\tq\tb\na\tr\tb\n")
+    with caplog.at_level(logging.WARNING):
+        kg = load_kg(root)
+    assert kg.num_unseen == {"valid": 1, "test": 0}
+    assert "valid.txt: 1 triples have a relation not in train (q)" in caplog.text
+    assert load_kg(root, drop_unseen=True).valid.tolist() == [[0, 0, 1]]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    root = write_kg(tmp_path / "g", "a\tr\tb\n")
+    (root / "test.txt").write_bytes(b"a\tr\tb\nb\tr\t\xff\xfe\n")
+    with pytest.raises(DataFormatError, match=r"test\.txt:2: not valid UTF-8"):
+        load_kg(root)
+    (root / "test.txt").write_text("b\tr\ta\n")
+    (root / "entity_names.tsv").write_bytes(b"a\tAlpha\n\xc3\n")
+    with pytest.raises(DataFormatError, match=r"entity_names\.tsv:2: not valid UTF-8"):
+        load_kg(root)
+
+
 def test_entity_names_file(tmp_path):
     root = write_kg(tmp_path / "g", "a\tr\tb\n")
     (root / "entity_names.tsv").write_text("a\tAlpha\n")

@@ -224,3 +224,57 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
                             "answer_is_neighbour"}
     assert sum(r["correct"] for r in rows) == saved["test"]["correct"]
     assert not list(out.glob(".best.tmp-*"))
+
+
+@pytest.mark.realdata
+def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one_thread):
+    """Run A trains 3 epochs; run B crashes after epoch 1. B's directory is refused without
+    --resume, and with a changed setting; resumed, B ends with exactly A's weights, history
+    and test result. --overwrite starts afresh."""
+    ckpt = tmp_path / "hitter"
+    tiny_hitter(fb15k237.num_entities, fb15k237.num_relations).save_pretrained(ckpt)
+
+    def run(out, *more, resume=False, overwrite=False):
+        model, train, _ = parse_args([
+            "--preset", "qa-webqsp-minilm-cpu", "--data-dir", str(data_root), "--output-dir",
+            str(out), f"model.kg_checkpoint={ckpt}", "model.freeze_kg=false", "train.epochs=3",
+            "train.max_train_examples=16", "train.max_eval_examples=8",
+            f"train.cache_dir={tmp_path / 'cache'}", *more])
+        return qa_train.Trainer(model, train, resume=resume, overwrite=overwrite)
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch):
+        if epoch == 1:
+            raise Crash
+
+    run_a = run(tmp_path / "a")
+    run_a.fit()
+    a_metrics = run_a.test()
+    run_b = run(tmp_path / "b")
+    with pytest.raises(Crash):
+        run_b.fit(on_epoch=crash)
+    assert (tmp_path / "b" / "last").is_dir() and not (tmp_path / "b" / "metrics.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path / "b")
+    with pytest.raises(ConfigError, match="train.lr_adapters"):
+        run(tmp_path / "b", "train.lr_adapters=1e-3", resume=True)
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.state.epoch == 1 and len(resumed.state.history) == 1
+    resumed.fit()
+    b_metrics = resumed.test()
+    for name, value in run_a.engine.module.state_dict().items():
+        assert torch.equal(value, resumed.engine.module.state_dict()[name]), name
+    same = ("train_loss", "dev_accuracy")
+    assert [{k: h.get(k) for k in same} for h in b_metrics["history"]] == [
+        {k: h.get(k) for k in same} for h in a_metrics["history"]]
+    assert b_metrics["test"] == a_metrics["test"] and b_metrics["epochs_run"] == 3
+    history = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
+    assert not list((tmp_path / "b").glob("last.tmp-*"))
+    # A finished run is left alone by --resume; --overwrite replaces it.
+    assert qa_train.train(*parse_args(["--output-dir", str(tmp_path / "b")])[:2],
+                          resume=True) is None
+    fresh = run(tmp_path / "b", overwrite=True)
+    assert fresh.state.epoch == 0 and not (tmp_path / "b" / "metrics.json").exists()

@@ -284,6 +284,14 @@ def test_webqsp_reader_value_answers_and_missing_fields(tmp_path):
     path.write_text(json.dumps({"Questions": bad}))
     with pytest.raises(DataFormatError, match="WebQTrn-3: missing field 'EntityName'"):
         read_webqsp(path)
+    bad = [question("WebQTrn-4", [{"AnswerType": "Entity", "AnswerArgument": "m.0a1",
+                                   "EntityName": 7}])]
+    path.write_text(json.dumps({"Questions": bad}))
+    with pytest.raises(DataFormatError, match="WebQTrn-4: answer name 7 is a int"):
+        read_webqsp(path)
+    path.write_bytes(b'{"Questions": ["\xff"]}')
+    with pytest.raises(DataFormatError, match="WebQSP.train.json: not valid UTF-8 at byte 16"):
+        read_webqsp(path)
 
 
 def test_hitter_reader_bad_ids_and_empty_answers(tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,14 @@ import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
 from hitter_core.checkpoint import TRAINER_STATE, TrainState
-from hitter_core.config import HittERConfig, load_config
+from hitter_core.config import ConfigError, HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
-from hitter_core.distributed import initialize_engine, resolve_ds_config
+from hitter_core.distributed import (
+    StaleBuildLock,
+    check_build_locks,
+    initialize_engine,
+    resolve_ds_config,
+)
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex, ground_truth_token
 from hitter_core.optim import (
@@ -316,6 +322,8 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
         run_b.fit(on_step=crash)
     with pytest.raises(FileExistsError):  # never overwrite a run silently
         Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg)
+    with pytest.raises(ConfigError, match="train.lr: 0.01 saved, 0.02 now"):  # same run only
+        Trainer(*configs(kg, tmp_path / "b", *overrides, "train.lr=0.02"), kg=kg, resume=True)
 
     resumed = Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg, resume=True)
     assert resumed.state.step == 8 and resumed.engine.global_steps == 8
@@ -341,6 +349,8 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
     assert TrainState(**saved["state"]).step == run_a.state.step
     if device == "cpu":
         assert TrainState(**saved["state"]) == run_a.state
+    fresh = Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg, overwrite=True)
+    assert fresh.state.step == 0 and not (tmp_path / "b" / "best").exists()
 
 
 def test_validation_keeps_best_and_stops_early(tmp_path, one_thread):
@@ -366,6 +376,16 @@ def test_validation_keeps_best_and_stops_early(tmp_path, one_thread):
     assert json.loads((tmp_path / "run" / "best" / "valid_metrics.json").read_text())["step"] == 10
     saved = torch.load(tmp_path / "run" / "last" / TRAINER_STATE, weights_only=True)
     assert TrainState(**saved["state"]) == state
+
+
+def test_patience_zero_never_stops(tmp_path, one_thread):
+    kg = synthetic_kg(tmp_path)
+    trainer = Trainer(*configs(kg, tmp_path / "run", "train.batch_size=8", "train.max_epochs=4",
+                               "train.validate_every=1", "train.patience=0"), kg=kg)
+    mrrs = iter([0.3, 0.2, 0.1, 0.0])
+    trainer._evaluate = lambda model, split: {"both": {"mrr": next(mrrs)}}
+    state = trainer.fit()
+    assert (state.step, state.best_step, state.stopped_early) == (20, 5, False)
 
 
 @pytest.mark.realdata
@@ -430,3 +450,16 @@ def test_two_cpu_processes_train_data_parallel(tmp_path, launcher):
     assert saved["state"]["step"] == 8
     assert "MRR" in (out / "test_metrics.txt").read_text()
     assert "both" in result.stdout
+
+
+def test_stale_deepspeed_build_lock_is_reported(tmp_path, monkeypatch):
+    """An interrupted op build leaves ``lock``; torch would wait on it forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_build_locks()  # fresh: another process may be building right now
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    with pytest.raises(StaleBuildLock, match="lock: left by a build .* 60 minutes ago"):
+        check_build_locks()
