@@ -6,7 +6,8 @@ Layout of ``output_dir``::
     run_config.yaml         the resolved configuration, at start; ``--resume`` must match it
     history.jsonl           one line per finished epoch (loss, seconds, dev accuracy)
     last/                   after every epoch: DeepSpeed's engine checkpoint (model, optimizer,
-                            schedule) with the trainer's state and RNG states as client state
+                            schedule) with the trainer's state and RNG states as client state;
+                            removed when the run is complete
     best/                   the best model on dev and its tokenizer (save_pretrained)
     predictions.test.jsonl  metrics.json    at the end; metrics.json = the run finished
 
@@ -105,6 +106,13 @@ def save_last(engine: Any, output_dir: Path, state: QATrainState,
         os.replace(part, history)
     if dist.is_initialized():
         dist.barrier()
+
+
+def remove_last(output_dir: Path) -> None:
+    """Remove ``last/`` (and a ``last.old``) once the run is complete: for MiniLM it holds
+    about 280 MB (weights and AdamW state) that nothing reads any more."""
+    for name in (LAST, LAST + ".old"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
 def load_last(engine: Any, output_dir: Path,

@@ -58,7 +58,7 @@ from hitter_core.distributed import init_distributed, initialize_engine
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
-from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, save_last
+from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, remove_last, save_last
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
 from kgqa.data import answer_is_neighbour, shuffle_topics
 from kgqa.evaluate import (
@@ -325,6 +325,7 @@ class Trainer:
             "zero_stage": cfg.zero_stage,
         }
         (self.output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        remove_last(self.output_dir)  # the run is complete: best/ and the metrics remain
         logger.info("test accuracy %.4f (%d / %d), best epoch %d, dev %.4f", test["accuracy"],
                     test["correct"], test["total"], self.state.best_epoch, self.state.best)
         return metrics

@@ -19,7 +19,8 @@
 #   --kg-checkpoint DIR (HittER, for the KG rows), --seeds N [5], --seed S [333],
 #   --jobs J (runs at a time, one thread each; [1] = one run with all threads),
 #   --out DIR [runs/kg-gain/<dataset>-<split>], -- OVERRIDES... for every run.
-# A run whose metrics.json exists is skipped: rerun the same command to continue.
+# A run whose metrics.json exists is skipped and an interrupted one resumed (kgqa.train
+# --resume): rerun the same command to continue.
 # Environment: PYTHON [python], KGQA_DATA_DIR (data root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     --rows) rows="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -77,7 +78,7 @@ run_one() {  # "dir|overrides": one kgqa.train run, its log beside it
   mkdir -p "$dir"
   echo "== $dir ($(date +%H:%M:%S))"
   # shellcheck disable=SC2086
-  "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu --output-dir "$dir" $sets \
+  "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu --output-dir "$dir" --resume $sets \
     >"$dir/train.log" 2>&1 || { echo "FAILED: $dir (see $dir/train.log)" >&2; return 1; }
   grep -h "test accuracy" "$dir/train.log" | sed "s|^|   $dir: |"
 }
