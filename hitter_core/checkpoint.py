@@ -36,12 +36,17 @@ import torch
 from safetensors.torch import load_file
 
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig, save_config
+from hitter_core.data import DataFormatError
 from hitter_core.model import HittER
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "model.safetensors"  # the file save_pretrained writes for a single-shard model
+
+
+class CorruptCheckpoint(DataFormatError):
+    """A checkpoint file that cannot be read (truncated, damaged)."""
 
 
 @dataclass
@@ -161,17 +166,57 @@ def load_checkpoint(
     checkpoint written with another world size, batch size or epoch length is refused.
     """
     directory = Path(directory)
-    saved = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+        weights = load_file(directory / WEIGHTS, device=str(next(model.parameters()).device))
+    except Exception as e:  # a truncated or corrupt file: torch and safetensors name neither
+        raise CorruptCheckpoint(f"{directory}: unreadable checkpoint ({type(e).__name__}: "
+                                f"{str(e)[:200]})") from None
     if saved["layout"] != layout:
         raise ValueError(
             f"{directory} was written with {saved['layout']}, this run has {layout}; resume "
             f"with the same number of processes and train.batch_size, or start a new run"
         )
-    weights = load_file(directory / WEIGHTS, device=str(next(model.parameters()).device))
     model.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return TrainState(**saved["state"])
+
+
+def load_hitter(path: str | os.PathLike, weights: bool = True) -> HittER:
+    """``HittER.from_pretrained(path)`` (``weights=False``: the same shape, freshly
+    initialised) with one-line errors: a directory without ``config.json`` (never looked up on
+    the Hub), an unreadable weights file."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a HittER checkpoint directory (no config.json)")
+    try:
+        if not weights:
+            return HittER(HittER.config_class.from_pretrained(path))
+        return HittER.from_pretrained(path)
+    except Exception as e:
+        raise CorruptCheckpoint(f"{path}: unreadable HittER checkpoint ({type(e).__name__}: "
+                                f"{str(e)[:200]})") from None
+
+
+def load_latest_checkpoint(
+    last: Path,
+    model: HittER,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    layout: dict[str, int],
+) -> tuple[Path, TrainState]:
+    """:func:`load_checkpoint` of ``last``, or of the ``last.old`` beside it when ``last`` is
+    missing or unreadable (a disk that filled up, a file damaged after the run)."""
+    errors = []
+    for candidate in (last, last.with_name(last.name + ".old")):
+        if candidate.is_dir():
+            try:
+                return candidate, load_checkpoint(candidate, model, optimizer, scheduler, layout)
+            except CorruptCheckpoint as e:
+                logger.warning("%s; trying the previous checkpoint", e)
+                errors.append(str(e))
+    raise CorruptCheckpoint("; ".join(errors) or f"{last}: no checkpoint")
 
 
 class MetricsLogger:
@@ -193,8 +238,18 @@ class MetricsLogger:
         if not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        if len(kept) < len(lines):
+        kept = []
+        for line_no, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if line_no < len(lines):
+                    raise DataFormatError(f"{self.path}:{line_no}: not a JSON record") from None
+                logger.warning("%s:%d: dropped a torn last line", self.path, line_no)
+                continue  # a crash while appending it
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept != lines:
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
             os.replace(tmp, self.path)

@@ -30,11 +30,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from hitter_core.checkpoint import load_hitter
 from hitter_core.cli import run_cli
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.model import HittER, HittERScorer
+from hitter_core.model import HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
 
@@ -192,9 +193,7 @@ def load_checkpoint_scorer(
     checkpoint: str, data_dir: Path, device: torch.device
 ) -> tuple[Scorer, KnowledgeGraph]:
     """Load a HittER directory saved by ``save_pretrained``, its dataset and its scorer."""
-    if not (Path(checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a HittER checkpoint directory (no config.json)")
-    model = HittER.from_pretrained(checkpoint).to(device).eval()
+    model = load_hitter(checkpoint).to(device).eval()
     kg = load_kg(Path(data_dir) / model.config.dataset)
     if (kg.num_entities, kg.num_relations) != (model.config.num_entities,
                                                model.config.num_relations):

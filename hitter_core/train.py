@@ -57,7 +57,7 @@ from hitter_core.checkpoint import (
     MetricsLogger,
     TrainState,
     existing_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     remove_run,
     save_checkpoint,
     trainer_state_dict,
@@ -166,9 +166,8 @@ class Trainer:
 
         self.state = TrainState()
         if last is not None:
-            self.state = load_checkpoint(
-                last, self.model, self.optimizer, self.scheduler, self.layout
-            )
+            last, self.state = load_latest_checkpoint(
+                self.last_dir, self.model, self.optimizer, self.scheduler, self.layout)
             self.engine.global_steps = self.state.step
             logger.info("resumed from %s at step %d", last, self.state.step)
         self.metrics = None

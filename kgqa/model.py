@@ -40,6 +40,7 @@ from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from hitter_core.checkpoint import load_hitter
 from hitter_core.config import HittERConfig
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.model import HittER
@@ -261,9 +262,9 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     if config.kg_checkpoint is not None and config.kg_init == "random":
         # Control: the checkpoint's shape only (config.json), random weights (seeded by the
         # caller's torch seed), nothing loaded.
-        hitter = HittER(HittERConfig.from_pretrained(config.kg_checkpoint))
+        hitter = load_hitter(config.kg_checkpoint, weights=False)
     elif config.kg_checkpoint is not None:
-        hitter = HittER.from_pretrained(config.kg_checkpoint)
+        hitter = load_hitter(config.kg_checkpoint)
     return KGEnhancedLM(config, lm, hitter), fresh
 
 

@@ -6,7 +6,9 @@ into $TORCH_EXTENSIONS_DIR (~1-2 min, once; a different ``ninja`` on PATH rebuil
 
 import copy
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
-from hitter_core.checkpoint import TRAINER_STATE, TrainState
+from hitter_core.checkpoint import TRAINER_STATE, CorruptCheckpoint, TrainState
 from hitter_core.config import ConfigError, HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
 from hitter_core.distributed import (
@@ -463,3 +465,25 @@ def test_stale_deepspeed_build_lock_is_reported(tmp_path, monkeypatch):
     os.utime(lock, (hour_ago, hour_ago))
     with pytest.raises(StaleBuildLock, match="lock: left by a build .* 60 minutes ago"):
         check_build_locks()
+
+
+def test_resume_survives_damaged_files(tmp_path, one_thread, caplog):
+    """A truncated trainer_state.pt in last/ falls back to last.old (or names the directory);
+    a torn last line of metrics.jsonl (a crash while appending) is dropped."""
+    kg = synthetic_kg(tmp_path)
+    overrides = ("train.batch_size=8", "train.max_epochs=2", "train.validate_every=1")
+    Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg).fit()
+    last = tmp_path / "r" / "last"
+    shutil.copytree(last, tmp_path / "r" / "last.old")  # as a crash in replace_dir leaves it
+    (last / TRAINER_STATE).write_bytes((last / TRAINER_STATE).read_bytes()[:100])
+    with (tmp_path / "r" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "lo')
+    with caplog.at_level(logging.WARNING):
+        resumed = Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg, resume=True)
+    assert "last: unreadable checkpoint" in caplog.text and "torn last line" in caplog.text
+    assert resumed.state.step == 10
+    for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    shutil.rmtree(tmp_path / "r" / "last.old")
+    with pytest.raises(CorruptCheckpoint, match="last: unreadable checkpoint"):
+        Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg, resume=True)
