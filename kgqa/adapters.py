@@ -143,6 +143,19 @@ class CrossAttentionAdapter(nn.Module):
         return self.norm(x + self.dropout(self.dense(a)))
 
 
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor, kg: torch.Tensor, kg_mask: torch.Tensor
+                          ) -> torch.Tensor:
+        """The attention weights of :meth:`forward` (without dropout): (B, H, L, T), for
+        inspection (``python -m kgqa.ask``)."""
+        B, L, D = x.shape
+        T, H = kg.shape[1], self.heads
+        q = self.query(x).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        k = self.key(kg).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, D/H)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // H)  # (B, H, L, T)
+        return scores.masked_fill(~kg_mask[:, None, None, :], float("-inf")).softmax(-1)
+
+
 class KGAttention(nn.Module):
     """A BERT layer's attention block followed by a :class:`CrossAttentionAdapter`.
 

@@ -1,0 +1,91 @@
+"""python -m kgqa.ask on a QA model that learned three questions by heart. The three share one
+text, so only the KG input (the topic's neighbours, read by the copy head) tells them apart:
+ask answers each, shows the answer entity as the top KG evidence, and links topics by name."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hitter_core.config import HittERConfig
+from hitter_core.data import load_kg
+from hitter_core.model import HittER
+from hitter_core.neighbours import NeighbourIndex
+from kgqa.ask import ask, link_topic, main
+from kgqa.batches import make_batch
+from kgqa.config import KGQAConfig
+from kgqa.data import QAExample
+from kgqa.model import build_model, entity_name_pieces
+
+NAMES = ["paris", "france", "berlin", "germany", "rome", "italy", "europe"]
+TRAIN = ["paris\tcapital_of\tfrance", "berlin\tcapital_of\tgermany", "rome\tcapital_of\titaly",
+         "france\tpart_of\teurope", "germany\tpart_of\teurope", "italy\tpart_of\teurope"]
+QUESTION = "what is the capital of this country?"
+QUESTIONS = [(QUESTION, "france", "paris"), (QUESTION, "germany", "berlin"),
+             (QUESTION, "italy", "rome")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, minilm_path):
+    root = tmp_path_factory.mktemp("ask")
+    (root / "toy").mkdir()
+    for split in ("train", "valid", "test"):
+        (root / "toy" / f"{split}.txt").write_text("\n".join(TRAIN) + "\n")
+    (root / "toy" / "entity_names.tsv").write_text("".join(f"{n}\t{n}\n" for n in NAMES))
+    kg = load_kg(root / "toy")
+    torch.manual_seed(0)
+    HittER(HittERConfig(dataset="toy", num_entities=kg.num_entities,
+                        num_relations=kg.num_relations, hidden_size=32, num_attention_heads=2,
+                        intermediate_size=64, num_context_layers=1, max_neighbours=8)
+           ).save_pretrained(root / "hitter")
+    config = KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"), adapter="none",
+                        copy_head=True, freeze_kg=True, max_neighbours=8)
+    model, _ = build_model(config)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model.mask_token_id = tokenizer.mask_token_id
+    model.copy_head.set_entity_names(entity_name_pieces(kg.entity_names, tokenizer))
+    index = NeighbourIndex.build(kg, seed=model.config.kg_config["neighbour_order_seed"])
+    examples = [QAExample(f"q{i}", q, kg.entity_names.index(t), a, kg.entity_names.index(a))
+                for i, (q, t, a) in enumerate(QUESTIONS)]
+    batch = make_batch(examples, tokenizer, index, 8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(root / "qa")
+    tokenizer.save_pretrained(root / "qa")
+    return model, tokenizer, kg, index, root
+
+
+def test_answers_from_the_kg_with_evidence(trained):
+    model, tokenizer, kg, index, _ = trained
+    for question, topic, answer in QUESTIONS:
+        got = ask(model, tokenizer, kg, index, question, kg.entity_names.index(topic),
+                  max_masks=1)
+        assert (got.text, got.masks, got.topic) == (answer, 1, f"{topic} ({topic})")
+        assert got.evidence[0].entity == answer
+        assert got.evidence[0].fact == f"({answer}, capital_of, {topic})"
+        assert got.gate > 0.5 and got.alternatives
+    longest = ask(model, tokenizer, kg, index, QUESTION, 1, max_masks=3)
+    assert longest.score >= max(score for _, score in longest.alternatives[:2])  # best length
+    plain = ask(model, tokenizer, kg, index, QUESTION, -1, max_masks=1)
+    assert plain.topic is None and not plain.evidence
+
+
+def test_topic_linking(trained):
+    _, _, kg, index, _ = trained
+    assert kg.entity_names[link_topic("what is the capital of Italy?", kg, index.degrees())] == (
+        "italy")
+    assert link_topic("what is the capital of spain?", kg) == -1
+
+
+def test_command_line(trained, capsys):
+    *_, root = trained
+    assert main([str(root / "qa"), QUESTION, "--topic", "italy", "--data-dir", str(root),
+                 "--max-masks", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: rome") and "topic entity: italy (italy)" in out
+    assert "(rome, capital_of, italy)" in out and "(italy, part_of, europe)" in out
