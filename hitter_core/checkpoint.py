@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig, save_config
 from hitter_core.data import DataFormatError
 from hitter_core.model import HittER
+from hitter_core.model_card import hitter_card
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,11 @@ def save_checkpoint(
     train_config: TrainConfig,
     trainer_state: dict[str, Any] | None = None,
     json_files: dict[str, Any] | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write ``model`` (save_pretrained: config.json + weights), the resolved run
-    config, ``trainer_state`` (torch.save, if given) and ``json_files`` (name -> object)."""
+    config, ``trainer_state`` (torch.save, if given), ``json_files`` (name -> object) and,
+    given its valid metrics (with ``step``) as ``card``, a model card (README.md)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -134,8 +137,20 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_STATE)
         for name, obj in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        if card is not None:
+            hitter_card(tmp, model.config, train_config, card, card.get("step"))
 
     return write_dir_atomically(directory, write)
+
+
+def write_test_metrics(output_dir: Path, best: Path, metrics: dict[str, Any], table: str,
+                       train_config: TrainConfig) -> None:
+    """``test_metrics.json`` / ``test_metrics.txt`` (the printed ``table``) in ``output_dir``,
+    and the test figures in the model card of ``best``."""
+    (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "test_metrics.txt").write_text(table + "\n")
+    config = HittER.config_class.from_pretrained(best)
+    hitter_card(best, config, train_config, {**metrics, "split": "test"}, metrics["best_step"])
 
 
 def trainer_state_dict(

@@ -61,6 +61,7 @@ from hitter_core.checkpoint import (
     remove_run,
     save_checkpoint,
     trainer_state_dict,
+    write_test_metrics,
 )
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
 from hitter_core.config import (
@@ -261,8 +262,9 @@ class Trainer:
             improved = mrr > st.best_mrr
             if improved:
                 st.best_mrr, st.best_step, st.bad_validations = mrr, st.step, 0
+                valid = {"step": st.step, **metrics}
                 save_checkpoint(self.best_dir, self.model, cfg,
-                                json_files={"valid_metrics.json": {"step": st.step, **metrics}})
+                                json_files={"valid_metrics.json": valid}, card=valid)
             else:
                 st.bad_validations += 1
             self._log({"epoch": st.step / self.steps_per_epoch,
@@ -306,8 +308,7 @@ class Trainer:
             table = (f"{self.kg.name} test, filtered with train+valid+test; best valid MRR "
                      f"{self.state.best_mrr:.4f} at step {self.state.best_step}\n"
                      f"{format_table(metrics)}")
-            (self.output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-            (self.output_dir / "test_metrics.txt").write_text(table + "\n")
+            write_test_metrics(self.output_dir, best, metrics, table, self.train_config)
             self._log({f"test_{k}": v for k, v in metrics["both"].items()}, prefix="test/")
             self.metrics.close()
             print(table, flush=True)

@@ -71,6 +71,7 @@ from kgqa.evaluate import (
 )
 from kgqa.lm import resolve_lm
 from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index, entity_name_pieces
+from kgqa.model_card import qa_card
 from kgqa.prepare import load_qa_splits
 from kgqa.report import PREDICTIONS_FILE, run_variant
 from kgqa.verbalise import kg_texts
@@ -134,6 +135,7 @@ class Trainer:
         ds_config: str | Path | None = None, resume: bool = False, overwrite: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
+        self.model_config = model_config  # as asked for (model cards)
         self.rank, self.world_size, self.device = init_distributed()
         transformers.set_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
@@ -242,6 +244,7 @@ class Trainer:
     def _save_best(self, tmp: Path) -> None:
         self.engine.module.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        qa_card(tmp, self.model_config, self.train_config, self.state.best, self.state.best_epoch)
 
     def fit(self, on_epoch: Callable[[int], None] | None = None) -> float:
         """Epochs of shuffled batches, dev accuracy every ``eval_every`` epochs (process 0),
@@ -326,6 +329,8 @@ class Trainer:
         }
         (self.output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         remove_last(self.output_dir)  # the run is complete: best/ and the metrics remain
+        qa_card(self.best_dir, self.model_config, cfg, self.state.best, self.state.best_epoch,
+                test)
         logger.info("test accuracy %.4f (%d / %d), best epoch %d, dev %.4f", test["accuracy"],
                     test["correct"], test["total"], self.state.best_epoch, self.state.best)
         return metrics

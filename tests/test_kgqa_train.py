@@ -224,6 +224,9 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
                             "answer_is_neighbour"}
     assert sum(r["correct"] for r in rows) == saved["test"]["correct"]
     assert not list(out.glob(".best.tmp-*"))
+    card = (out / "best" / "README.md").read_text()  # the model card, with the test result
+    assert card.startswith("---\nlibrary_name: hitter-kgqa")
+    assert f"test accuracy {saved['test']['accuracy']:.4f}" in card and "co-trained" in card
 
 
 @pytest.mark.realdata

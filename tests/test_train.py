@@ -429,6 +429,9 @@ def test_overfits_real_subgraph(fb15k237, tmp_path, one_thread):
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [100, 200, 300, 400, 500, 600]
     assert records[-1]["test_mrr"] == test_metrics["both"]["mrr"]
+    card = (out / "best" / "README.md").read_text()  # the model card, with the test figures
+    assert card.startswith("---\nlibrary_name: hitter-kgqa") and "# HittER on" in card
+    assert "Filtered test ranking" in card and f"| {test_metrics['both']['mrr']:.4f} |" in card
 
 
 @pytest.mark.slow

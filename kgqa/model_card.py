@@ -1,0 +1,55 @@
+"""The model card (README.md) of a saved QA model: the LM, the knowledge it reads, the
+protocol, the accuracy it reached (hitter_core.model_card for the form and the citation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hitter_core.model_card import settings_table, write_card
+
+
+def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: float,
+            epoch: int, test: dict[str, Any] | None = None) -> Path:
+    """Card of ``kgqa.train``'s ``best/``: dev accuracy at ``epoch``; ``test`` (accuracy,
+    correct, total) once the test split was read."""
+    m, t = model_config, train_config
+    if m.kg_checkpoint is None:
+        knowledge = ("none: the plain masked LM" + (
+            f", with the topic's neighbourhood as text ({m.kg_text_length} tokens)"
+            if m.kg_text_length else ""))
+    else:
+        reader = {"paper": "the paper's cross-attention adapters (every second LM layer)",
+                  "gated": "zero-initialised gated cross-attention adapters",
+                  "none": "no adapters"}[m.adapter]
+        knowledge = (f"HittER `{m.kg_checkpoint}` ({'frozen' if m.freeze_kg else 'co-trained'},"
+                     f" {m.kg_init} weights), read by {reader}"
+                     + ("; a copy head points at the topic's neighbours" if m.copy_head else ""))
+    result = f"dev accuracy {dev:.4f} (epoch {epoch})"
+    if test is not None:
+        result += (f"; test accuracy {test['accuracy']:.4f} ({test['correct']} / "
+                   f"{test['total']}), read once with this checkpoint")
+    path = Path(directory).as_posix()
+    sections = [
+        ("What it is", f"A masked LM (`{Path(m.lm).name}`) fine-tuned for cloze-form factoid QA "
+                       f"(HittER paper, section 4). Knowledge: {knowledge}."),
+        ("Data", f"{t.dataset} {t.split} (HittER's released splits; dev = "
+                 f"{t.dev_fraction:.0%} of train, chosen by question id)."),
+        ("Configuration", settings_table({
+            "epochs": t.epochs, "batch_size": t.batch_size, "lr_adapters": t.lr_adapters,
+            "lr_pretrained": t.lr_pretrained, "seed": t.seed,
+            "max_neighbours": m.max_neighbours})),
+        ("Metrics", result),
+        ("How to use", f"""```bash
+python -m kgqa.ask {path} "who wrote hamlet?"
+```
+```python
+from kgqa.model import load_qa_model
+model, tokenizer, neighbours = load_qa_model("{path}")
+```"""),
+    ]
+    metadata = {"library_name": "hitter-kgqa", "tags": ["question-answering", "fill-mask",
+                                                         "knowledge-graph", "hitter"],
+                "datasets": [t.dataset], "metrics": ["accuracy"]}
+    return write_card(directory, metadata, f"KG-enhanced {Path(m.lm).name} for {t.dataset}",
+                      sections)
