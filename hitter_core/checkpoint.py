@@ -138,7 +138,7 @@ def save_checkpoint(
         for name, obj in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
         if card is not None:
-            hitter_card(tmp, model.config, train_config, card, card.get("step"))
+            hitter_card(tmp, model.config, train_config, card, card.get("step"), directory)
 
     return write_dir_atomically(directory, write)
 

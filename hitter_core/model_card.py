@@ -43,10 +43,12 @@ def settings_table(settings: Mapping[str, Any]) -> str:
 
 
 def hitter_card(directory: str | Path, model_config: Any, train_config: Any,
-                metrics: Mapping[str, Any] | None = None, step: int | None = None) -> Path:
+                metrics: Mapping[str, Any] | None = None, step: int | None = None,
+                shown_as: str | Path | None = None) -> Path:
     """The card of a HittER checkpoint (``best/``): ``metrics`` is a filtered ranking result
-    (``{"both": {"mrr", "hits@1", ...}}``) of ``metrics["split"]`` (default valid)."""
-    c = model_config
+    (``{"both": {"mrr", "hits@1", ...}}``) of ``metrics["split"]`` (default valid);
+    ``shown_as``: the directory's final path when ``directory`` is a temporary one."""
+    c, path = model_config, Path(shown_as or directory).as_posix()
     split = (metrics or {}).get("split", "valid")
     both = (metrics or {}).get("both", {})
     figures = "not evaluated yet"
@@ -76,11 +78,11 @@ def hitter_card(directory: str | Path, model_config: Any, train_config: Any,
         ("Metrics", figures),
         ("How to use", f"""```python
 from hitter_core.checkpoint import load_hitter
-model = load_hitter("{Path(directory).as_posix()}")
+model = load_hitter("{path}")
 ```
 ```bash
-python -m hitter_core.evaluate {Path(directory).as_posix()}   # filtered test ranking
-python -m hitter_core.predict {Path(directory).as_posix()} ENTITY RELATION
+python -m hitter_core.evaluate {path}   # filtered test ranking
+python -m hitter_core.predict {path} ENTITY RELATION
 ```"""),
     ]
     return write_card(directory, metadata, f"HittER on {c.dataset}", sections)

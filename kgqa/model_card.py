@@ -10,9 +10,11 @@ from hitter_core.model_card import settings_table, write_card
 
 
 def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: float,
-            epoch: int, test: dict[str, Any] | None = None) -> Path:
+            epoch: int, test: dict[str, Any] | None = None,
+            shown_as: str | Path | None = None) -> Path:
     """Card of ``kgqa.train``'s ``best/``: dev accuracy at ``epoch``; ``test`` (accuracy,
-    correct, total) once the test split was read."""
+    correct, total) once the test split was read; ``shown_as``: the final path of a
+    temporary ``directory``."""
     m, t = model_config, train_config
     if m.kg_checkpoint is None:
         knowledge = ("none: the plain masked LM" + (
@@ -29,7 +31,7 @@ def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: fl
     if test is not None:
         result += (f"; test accuracy {test['accuracy']:.4f} ({test['correct']} / "
                    f"{test['total']}), read once with this checkpoint")
-    path = Path(directory).as_posix()
+    path = Path(shown_as or directory).as_posix()
     sections = [
         ("What it is", f"A masked LM (`{Path(m.lm).name}`) fine-tuned for cloze-form factoid QA "
                        f"(HittER paper, section 4). Knowledge: {knowledge}."),

@@ -244,7 +244,8 @@ class Trainer:
     def _save_best(self, tmp: Path) -> None:
         self.engine.module.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        qa_card(tmp, self.model_config, self.train_config, self.state.best, self.state.best_epoch)
+        qa_card(tmp, self.model_config, self.train_config, self.state.best, self.state.best_epoch,
+                shown_as=self.best_dir)
 
     def fit(self, on_epoch: Callable[[int], None] | None = None) -> float:
         """Epochs of shuffled batches, dev accuracy every ``eval_every`` epochs (process 0),
