@@ -64,17 +64,19 @@ class Answer:
 
 
 def link_topic(question: str, kg: KnowledgeGraph, degrees: torch.Tensor | None = None) -> int:
-    """The entity whose name is the longest word sequence of ``question`` (case-insensitive);
-    ties between entities of one name go to the one with the most neighbours. -1: none."""
+    """The entity whose name is the longest word sequence of ``question`` (case-insensitive;
+    longest in words, then in letters: generic words are short); entities of one name go to
+    the one with the most neighbours. -1: none. A simple linker: ``--topic`` overrides it."""
     words = re.findall(r"[\w'.&-]+", question.casefold())
     by_name: dict[str, list[int]] = {}
     for i, name in enumerate(kg.entity_names):
         by_name.setdefault(name.casefold(), []).append(i)
     for n in range(min(MAX_NAME_WORDS, len(words)), 0, -1):
-        for start in range(len(words) - n + 1):
-            ids = by_name.get(" ".join(words[start : start + n]))
-            if ids:
-                return max(ids, key=lambda e: int(degrees[e]) if degrees is not None else 0)
+        spans = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+        found = sorted((s for s in spans if s in by_name), key=len, reverse=True)
+        if found:
+            ids = by_name[found[0]]
+            return max(ids, key=lambda e: int(degrees[e]) if degrees is not None else 0)
     return -1
 
 
