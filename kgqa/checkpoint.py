@@ -4,7 +4,9 @@ directory never mixes two runs (the QA counterpart of :mod:`hitter_core.checkpoi
 Layout of ``output_dir``::
 
     run_config.yaml         the resolved configuration, at start; ``--resume`` must match it
-    history.jsonl           one line per finished epoch (loss, seconds, dev accuracy)
+    metrics.jsonl           one line per finished epoch (loss, seconds, dev accuracy), and
+    tensorboard/            the same scalars when tensorboard is installed (as stage 1 writes
+                            them: hitter_core.checkpoint.MetricsLogger)
     last/                   after every epoch: DeepSpeed's engine checkpoint (model, optimizer,
                             schedule) with the trainer's state and RNG states as client state;
                             removed when the run is complete
@@ -14,15 +16,13 @@ Layout of ``output_dir``::
 ``last`` is written as stage 1 writes it: assembled under ``last.tmp-<epoch>`` (by every
 process: DeepSpeed saves each one's shard) and swapped in by process 0 with two renames
 (:func:`hitter_core.checkpoint.replace_dir`); a crash leaves a complete ``last`` or
-``last.old``. ``history.jsonl`` is rewritten whole (atomically) after each epoch.
+``last.old``. A resumed run drops the log lines of epochs after the one it resumes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,9 +37,9 @@ from hitter_core.config import RUN_CONFIG_NAME, check_same_config, save_sections
 
 logger = logging.getLogger(__name__)
 
-LAST, HISTORY, TAG = "last", "history.jsonl", "state"
-RUN_FILES = (RUN_CONFIG_NAME, HISTORY, LAST, LAST + ".old", "best", "best.old",
-             "predictions.test.jsonl", "metrics.json")
+LAST, TAG = "last", "state"
+RUN_FILES = (RUN_CONFIG_NAME, "metrics.jsonl", "tensorboard", LAST, LAST + ".old", "best",
+             "best.old", "predictions.test.jsonl", "metrics.json")
 
 
 @dataclass
@@ -86,7 +86,7 @@ def prepare_output_dir(
 def save_last(engine: Any, output_dir: Path, state: QATrainState,
               collate_generator: torch.Generator | None) -> None:
     """Every process: the engine checkpoint (model, optimizer, schedule) + ``state`` + RNG
-    states, written to ``last/`` atomically; and ``history.jsonl`` (process 0)."""
+    states, written to ``last/`` atomically."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = output_dir / f"{LAST}.tmp-{state.epoch}"
     client = {
@@ -100,10 +100,6 @@ def save_last(engine: Any, output_dir: Path, state: QATrainState,
         dist.barrier()
     if rank == 0:
         replace_dir(tmp, output_dir / LAST)
-        history = output_dir / HISTORY
-        part = history.with_name(history.name + ".tmp")
-        part.write_text("".join(json.dumps(h) + "\n" for h in state.history), encoding="utf-8")
-        os.replace(part, history)
     if dist.is_initialized():
         dist.barrier()
 

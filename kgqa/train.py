@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from hitter_core.checkpoint import write_dir_atomically
+from hitter_core.checkpoint import MetricsLogger, write_dir_atomically
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
 from hitter_core.config import (
     DEFAULT_KG,
@@ -180,6 +180,9 @@ class Trainer:
         if resume:
             self.state = load_last(self.engine, self.output_dir, self.collate_generator) or (
                 self.state)
+        self.metrics = MetricsLogger(self.output_dir) if self.rank == 0 else None
+        if self.metrics is not None:  # a resumed run redoes the epochs after its last/
+            self.metrics.truncate_after(self.state.epoch)
 
     @property
     def collate_generator(self) -> torch.Generator | None:
@@ -289,6 +292,8 @@ class Trainer:
                 logger.info("epoch %d: loss %.4f, %.0f s", epoch, entry["train_loss"],
                             entry["seconds"])
             st.epoch, st.train_seconds = epoch, st.train_seconds + time.time() - t0
+            if self.metrics is not None:
+                self.metrics.log({"step": epoch, **entry}, prefix="qa/")
             save_last(engine, self.output_dir, st, self.collate_generator)
             if on_epoch is not None:
                 on_epoch(epoch)

@@ -273,8 +273,8 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
     assert [{k: h.get(k) for k in same} for h in b_metrics["history"]] == [
         {k: h.get(k) for k in same} for h in a_metrics["history"]]
     assert b_metrics["test"] == a_metrics["test"] and b_metrics["epochs_run"] == 3
-    history = (tmp_path / "b" / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in history] == [1, 2, 3]
+    log = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()  # epoch 2 not twice
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
     assert not list((tmp_path / "b").glob("last*"))  # complete: last/ removed, no temporaries
     # A finished run is left alone by --resume; --overwrite replaces it.
     assert qa_train.train(*parse_args(["--output-dir", str(tmp_path / "b")])[:2],
