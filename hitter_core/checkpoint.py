@@ -66,11 +66,16 @@ RUN_FILES = (RUN_CONFIG_NAME, "ds_config.json", "metrics.jsonl", "tensorboard", 
              "last.old", "best", "best.old", "test_metrics.json", "test_metrics.txt")
 
 
-def remove_run(output_dir: str | os.PathLike) -> list[str]:
-    """Remove what a run wrote to ``output_dir`` (``--overwrite``); returns the names."""
+def clean_run_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> list[str]:
+    """Remove the temporary directories a crash left while a checkpoint was written
+    (``.last.tmp-*``, ``.best.tmp-*``) and, with ``overwrite``, what a run wrote to
+    ``output_dir`` (``--overwrite``); returns the names of the run's files removed."""
+    output_dir = Path(output_dir)
+    for stale in (*output_dir.glob(".last.tmp-*"), *output_dir.glob(".best.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     removed = []
-    for name in RUN_FILES:
-        path = Path(output_dir) / name
+    for name in RUN_FILES if overwrite else ():
+        path = output_dir / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -78,6 +83,9 @@ def remove_run(output_dir: str | os.PathLike) -> list[str]:
         else:
             continue
         removed.append(name)
+    if removed:
+        logger.warning("%s: removed the previous run (--overwrite): %s", output_dir,
+                       ", ".join(removed))
     return removed
 
 

@@ -56,9 +56,9 @@ from hitter_core.batches import compute_loss, epoch_shard, make_batch, step_seed
 from hitter_core.checkpoint import (
     MetricsLogger,
     TrainState,
+    clean_run_dir,
     existing_checkpoint,
     load_latest_checkpoint,
-    remove_run,
     save_checkpoint,
     trainer_state_dict,
     write_test_metrics,
@@ -121,10 +121,9 @@ class Trainer:
         self.kg, self.model_config = kg, model_config
         self.output_dir = Path(cfg.output_dir)
         self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
-        if overwrite and self.rank == 0 and (removed := remove_run(self.output_dir)):
-            logger.warning("%s: removed the previous run (--overwrite): %s", self.output_dir,
-                           ", ".join(removed))
-        if overwrite and self.world_size > 1:
+        if self.rank == 0:  # temporaries a crash left; the old run with --overwrite
+            clean_run_dir(self.output_dir, overwrite)
+        if self.world_size > 1:
             dist.barrier()
         last = existing_checkpoint(self.last_dir)
         check_same_on_all_ranks(last is not None, f"{self.last_dir}", device)

@@ -13,7 +13,7 @@ Layout of ``output_dir``::
     best/                   the best model on dev and its tokenizer (save_pretrained)
     predictions.test.jsonl  metrics.json    at the end; metrics.json = the run finished
 
-``last`` is written as stage 1 writes it: assembled under ``last.tmp-<epoch>`` (by every
+``last`` is written as stage 1 writes it: assembled under ``.last.tmp-<epoch>`` (by every
 process: DeepSpeed saves each one's shard) and swapped in by process 0 with two renames
 (:func:`hitter_core.checkpoint.replace_dir`); a crash leaves a complete ``last`` or
 ``last.old``. A resumed run drops the log lines of epochs after the one it resumes from.
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hitter_core.checkpoint import existing_checkpoint, replace_dir
+from hitter_core.checkpoint import clean_run_dir, existing_checkpoint, replace_dir
 from hitter_core.config import RUN_CONFIG_NAME, check_same_config, save_sections
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def prepare_output_dir(
             f"--overwrite to replace it, or choose another output directory")
     elif held and (output_dir / RUN_CONFIG_NAME).is_file():
         check_same_config(output_dir / RUN_CONFIG_NAME, configs)
-    for stale in output_dir.glob(f"{LAST}.tmp-*"):  # left by a crash while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_run_dir(output_dir)  # temporaries left by a crash while a checkpoint was written
     output_dir.mkdir(parents=True, exist_ok=True)
     if not (output_dir / RUN_CONFIG_NAME).is_file():
         save_sections(output_dir / RUN_CONFIG_NAME, configs)
@@ -88,7 +87,7 @@ def save_last(engine: Any, output_dir: Path, state: QATrainState,
     """Every process: the engine checkpoint (model, optimizer, schedule) + ``state`` + RNG
     states, written to ``last/`` atomically."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = output_dir / f"{LAST}.tmp-{state.epoch}"
+    tmp = output_dir / f".{LAST}.tmp-{state.epoch}"
     client = {
         "state": dataclasses.asdict(state),
         "torch_rng": torch.get_rng_state(),

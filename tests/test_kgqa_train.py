@@ -275,7 +275,8 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
     assert b_metrics["test"] == a_metrics["test"] and b_metrics["epochs_run"] == 3
     log = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()  # epoch 2 not twice
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
-    assert not list((tmp_path / "b").glob("last*"))  # complete: last/ removed, no temporaries
+    assert not list((tmp_path / "b").glob("*last*"))  # complete: last/ removed, no temporaries
+    assert not list((tmp_path / "b").glob(".*tmp-*"))
     # A finished run is left alone by --resume; --overwrite replaces it.
     assert qa_train.train(*parse_args(["--output-dir", str(tmp_path / "b")])[:2],
                           resume=True) is None
