@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig, save_config
 from hitter_core.data import DataFormatError
+from hitter_core.faults import ENV as FAULTS_ENV
+from hitter_core.faults import crash_point
 from hitter_core.model import HittER
 from hitter_core.model_card import hitter_card
 
@@ -106,6 +108,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
+        crash_point("checkpoint-swap")
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -119,6 +122,7 @@ def write_dir_atomically(directory: str | os.PathLike, write: Callable[[Path], N
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
+        crash_point("checkpoint-write")
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -279,8 +283,15 @@ class MetricsLogger:
 
     def log(self, record: dict[str, Any], prefix: str = "") -> None:
         """Append ``record`` (must hold ``step``); scalars go to tensorboard as prefix/key."""
+        line = json.dumps(record) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            if os.environ.get(FAULTS_ENV):  # a torn line for the crash tests
+                f.write(line[: len(line) // 2])
+                f.flush()
+                crash_point("metrics-log")
+                f.write(line[len(line) // 2 :])
+            else:
+                f.write(line)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):

@@ -35,6 +35,7 @@ from hitter_core.cli import run_cli
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
+from hitter_core.faults import crash_point
 from hitter_core.model import HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
@@ -84,6 +85,7 @@ def rank_queries(
     for start in bar:
         end = start + batch_size
         src, rel, tgt = (x[start:end].to(device) for x in (sources, relations, targets))
+        crash_point("evaluate")
         scores = scorer(src, rel)  # (B, E)
         if scores.shape != (len(src), filter_index.num_entities):
             raise ValueError(

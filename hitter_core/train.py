@@ -82,6 +82,7 @@ from hitter_core.distributed import (
     initialize_engine,
 )
 from hitter_core.evaluate import evaluate, format_table
+from hitter_core.faults import crash_point
 from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_, linear_schedule
@@ -111,13 +112,10 @@ class Trainer:
         if kg is None:
             data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
             kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
-        if (model_config.num_entities, model_config.num_relations) != (
-            kg.num_entities, kg.num_relations
-        ):
+        shape = (kg.num_entities, kg.num_relations)
+        if (model_config.num_entities, model_config.num_relations) != shape:
             logger.info("model.num_entities/num_relations set from %s", kg)
-            model_config.num_entities, model_config.num_relations = (
-                kg.num_entities, kg.num_relations
-            )
+            model_config.num_entities, model_config.num_relations = shape
         self.kg, self.model_config = kg, model_config
         self.output_dir = Path(cfg.output_dir)
         self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
@@ -241,6 +239,7 @@ class Trainer:
                            self.model_config)
         loss, stats = compute_loss(self.engine, batch)
         self.engine.backward(loss)
+        crash_point("train-step")
         if self.train_config.clip_per_tensor:
             clip_grad_per_tensor_(self.model.parameters(), self.train_config.max_grad_norm)
         self.engine.step()

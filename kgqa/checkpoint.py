@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from hitter_core.checkpoint import clean_run_dir, existing_checkpoint, replace_dir
 from hitter_core.config import RUN_CONFIG_NAME, check_same_config, save_sections
+from hitter_core.faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def save_last(engine: Any, output_dir: Path, state: QATrainState,
         "collate_rng": None if collate_generator is None else collate_generator.get_state(),
     }
     engine.save_checkpoint(str(tmp), tag=TAG, client_state=client, save_latest=False)
+    crash_point("checkpoint-write")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

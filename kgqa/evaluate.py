@@ -23,6 +23,7 @@ from typing import Any
 import evaluate
 import torch
 
+from hitter_core.faults import crash_point
 from kgqa.report import METRICS_FILE, write_report
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "cloze_accuracy"
@@ -59,6 +60,7 @@ def predict(
     try:
         for batch in batches:
             B = len(batch["input_ids"])
+            crash_point("predict")
             res = model(**{k: v.to(device) for k, v in batch.items()})
             top = res.logits.argmax(-1)  # (M,)
             counts = torch.bincount(res.rows, minlength=B)  # (B,) masks per question

@@ -55,6 +55,7 @@ from hitter_core.config import (
 )
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed, initialize_engine
+from hitter_core.faults import crash_point
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
@@ -268,6 +269,7 @@ class Trainer:
             for batch in bar:
                 loss = compute_loss(engine, {k: v.to(self.device) for k, v in batch.items()})
                 engine.backward(loss)
+                crash_point("train-step")
                 engine.step()  # clipping, AdamW, schedule
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
