@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     ``cuda:LOCAL_RANK``, made the current one."""
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:  # a free port for a world of one
             s.bind(("127.0.0.1", 0))
@@ -62,6 +64,19 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), where
 
 
+def extensions_dir() -> Path:
+    """Where DeepSpeed builds its ops unless ``$TORCH_EXTENSIONS_DIR`` says: inside a virtual
+    environment, its own ``torch_extensions`` folder (torch's default, ~/.cache/torch_extensions,
+    is shared by every environment of one Python, and an op built by another environment's
+    torch or ninja is rebuilt, 1-2 minutes, each time the environment changes); else torch's."""
+    venv = Path(sys.prefix)
+    if sys.prefix != sys.base_prefix and os.access(venv, os.W_OK):
+        return venv / "torch_extensions"
+    from torch._appdirs import user_cache_dir
+
+    return Path(user_cache_dir(appname="torch_extensions"))
+
+
 STALE_LOCK_SECONDS = 600  # building DeepSpeed's CPU communication op takes 1-2 minutes
 
 
@@ -73,11 +88,7 @@ def check_build_locks(now: float | None = None) -> None:
     """Raise :class:`StaleBuildLock` if a DeepSpeed op build in the torch extensions cache
     (``$TORCH_EXTENSIONS_DIR``) left its ``lock`` file more than :data:`STALE_LOCK_SECONDS`
     ago: torch waits on such a lock forever, without a word."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        from torch._appdirs import user_cache_dir
-
-        root = user_cache_dir(appname="torch_extensions")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir()
     now = time.time() if now is None else now
     for lock in (*Path(root).glob("deepspeed_*/lock"), *Path(root).glob("*/deepspeed_*/lock")):
         age = now - lock.stat().st_mtime

@@ -25,6 +25,7 @@ from hitter_core.data import KnowledgeGraph
 from hitter_core.distributed import (
     StaleBuildLock,
     check_build_locks,
+    extensions_dir,
     initialize_engine,
     resolve_ds_config,
 )
@@ -490,3 +491,11 @@ def test_resume_survives_damaged_files(tmp_path, one_thread, caplog):
     shutil.rmtree(tmp_path / "r" / "last.old")
     with pytest.raises(CorruptCheckpoint, match="last: unreadable checkpoint"):
         Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg, resume=True)
+
+
+def test_deepspeed_ops_are_built_once_per_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))  # a virtual environment
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    assert extensions_dir() == tmp_path / "torch_extensions"
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path))  # the system Python: torch's cache
+    assert extensions_dir().name == "torch_extensions" and extensions_dir().parent != tmp_path
