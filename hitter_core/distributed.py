@@ -96,6 +96,9 @@ def check_build_locks(now: float | None = None) -> None:
             raise StaleBuildLock(
                 f"{lock}: left by a build of a DeepSpeed op interrupted {age / 60:.0f} minutes "
                 f"ago; every run would wait on it forever. Remove the file and run again")
+        logger.warning("%s: another process is building a DeepSpeed op (for %.0f s); waiting "
+                       "for it. If none is, an interrupted build left the file: remove it",
+                       lock, age)
 
 
 def check_same_on_all_ranks(exists: bool, what: str, device: torch.device) -> None:

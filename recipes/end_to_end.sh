@@ -21,6 +21,9 @@
 #                        runs) or "model.freeze_kg=false" (HittER co-trained)
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail
+# Ctrl-C or kill stops the workers too: long commands run in the background and the
+# script waits for them (a trap runs at once during `wait`, not after a foreground command).
+trap 'trap - INT TERM; kill 0' INT TERM
 case "${1:-}" in
   -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
   "") ;;
@@ -44,7 +47,8 @@ elapsed() { printf '%dm%02ds' $(((SECONDS - start) / 60)) $(((SECONDS - start) %
 kg_args=()
 [[ -n $KG_STEPS ]] && kg_args=("train.max_steps=$KG_STEPS")
 echo "== stage 1: HittER cpu-small on FB15K-237${KG_STEPS:+, at most $KG_STEPS steps}"
-bash recipes/pretrain_kg.sh --preset cpu-small --output-dir "$OUT/hitter" "${kg_args[@]}"
+bash recipes/pretrain_kg.sh --preset cpu-small --output-dir "$OUT/hitter" "${kg_args[@]}" &
+wait $!
 echo "== stage 1 done after $(elapsed)"
 
 for split in filtered full; do
@@ -57,7 +61,8 @@ for split in filtered full; do
     log="$OUT/qa-$split-$tag.log"
     bash recipes/finetune_qa.sh --preset "$preset" --kg-checkpoint "$kg" \
       --seeds "$SEEDS" --seed "$SEED" --out "$OUT/qa/webqsp-$split-$tag" -- "${qa_extra[@]}" \
-      >"$log" 2>&1 || { tail -n 30 "$log"; exit 1; }
+      >"$log" 2>&1 &
+    wait $! || { tail -n 30 "$log"; exit 1; }
     grep -E "test accuracy" "$log" || true
   done
 done

@@ -24,6 +24,9 @@
 # Environment: PYTHON [python] (the interpreter with the project installed), KGQA_DATA_DIR
 # (data root), TORCH_EXTENSIONS_DIR (where DeepSpeed builds its CPU communication op once).
 set -euo pipefail
+# Ctrl-C or kill stops the workers too: long commands run in the background and the
+# script waits for them (a trap runs at once during `wait`, not after a foreground command).
+trap 'trap - INT TERM; kill 0' INT TERM
 
 preset=qa-paper kg=none freeze=0 seeds=1 seed=333 nproc=1 out="" extra=() sets=()
 while [[ $# -gt 0 ]]; do
@@ -61,7 +64,8 @@ for ((i = 0; i < seeds; i++)); do
   echo "== preset $preset, kg $kg_tag, seed $s -> $out/seed$s"
   "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
     --module kgqa.train --preset "$preset" --output-dir "$out/seed$s" --resume \
-    "${sets[@]}" "train.seed=$s" "${extra[@]}"
+    "${sets[@]}" "train.seed=$s" "${extra[@]}" &
+  wait $!
 done
 
 "$PYTHON" -m kgqa.evaluate report "$out" --out "$out"

@@ -23,6 +23,9 @@
 # --resume): rerun the same command to continue.
 # Environment: PYTHON [python], KGQA_DATA_DIR (data root).
 set -euo pipefail
+# Ctrl-C or kill stops the workers too: long commands run in the background and the
+# script waits for them (a trap runs at once during `wait`, not after a foreground command).
+trap 'trap - INT TERM; kill 0' INT TERM
 cd "$(dirname "$0")/.."
 
 dataset=webqsp split=filtered kg="" seeds=5 seed=333 jobs=1 out="" rows="" extra=()
@@ -85,6 +88,7 @@ run_one() {  # "dir|overrides": one kgqa.train run, its log beside it
 export -f run_one
 if [[ $jobs -gt 1 ]]; then export OMP_NUM_THREADS=1; fi
 if [[ ${#tasks[@]} -gt 0 ]]; then
-  printf '%s\n' "${tasks[@]}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$1"' _ {}
+  printf '%s\n' "${tasks[@]}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$1"' _ {} &
+  wait $!
 fi
 "$PYTHON" -m kgqa.evaluate report "$out" --out "$out"
