@@ -6,6 +6,10 @@ config, the best checkpoint, the predictions file and the metrics.
 The LM is the offline MiniLM (or a tiny random BERT); HittER is tiny and random (width 32)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +286,21 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
                           resume=True) is None
     fresh = run(tmp_path / "b", overwrite=True)
     assert fresh.state.epoch == 0 and not (tmp_path / "b" / "metrics.json").exists()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_two_cpu_processes(tmp_path, data_root):
+    """recipes/finetune_qa.sh --nproc 2 on CPU (once hung at DeepSpeed's shared-memory set-up)
+    trains data-parallel to the end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "KGQA_DATA_DIR": str(data_root)}
+    cmd = ["bash", "recipes/finetune_qa.sh", "--preset", "qa-webqsp-minilm-cpu",
+           "--kg-checkpoint", "none", "--nproc", "2", "--out", str(tmp_path / "runs"), "--",
+           "train.max_train_examples=16", "train.max_eval_examples=8", "train.epochs=1",
+           f"train.cache_dir={tmp_path / 'cache'}"]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    saved = json.loads((tmp_path / "runs" / "seed333" / "metrics.json").read_text())
+    assert saved["world_size"] == 2 and saved["test"]["total"] == 8
