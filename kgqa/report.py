@@ -4,7 +4,8 @@
 run (``kgqa.train``) under the given paths and prints:
 
 * the main table: one row per model (the LM; + HittER per adapter variant and KG mode;
-  the controls; the KG-as-text baseline) and training protocol (epochs, learning rates), one
+  the controls; the KG-as-text baseline) and training protocol (epochs, learning rates, and
+  ``[train cut to n]`` / ``[dev/test cut to n]`` for smoke runs on cut splits), one
   column per (dataset, split), test accuracy as mean ± sample std (n - 1) over seeds, with
   the paper's BERT-base figures as the first rows;
 * the gain over the plain LM, paired by seed: for every row with KG input, the mean ± std of
@@ -48,7 +49,9 @@ def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
         "shuffle_topics": train_config.shuffle_topics,
         "protocol": {"epochs": train_config.epochs, "lr_adapters": train_config.lr_adapters,
                      "lr_pretrained": train_config.lr_pretrained,
-                     "batch_size": train_config.batch_size},
+                     "batch_size": train_config.batch_size,
+                     "max_train_examples": train_config.max_train_examples,
+                     "max_eval_examples": train_config.max_eval_examples},
     }
 
 
@@ -77,7 +80,11 @@ def protocol_label(result: dict[str, Any]) -> str:
     p = result.get("variant", {}).get("protocol")
     if not p:
         return "–"
-    return f"{p['epochs']} ep, lr {p['lr_adapters']:g} / {p['lr_pretrained']:g}"
+    label = f"{p['epochs']} ep, lr {p['lr_adapters']:g} / {p['lr_pretrained']:g}"
+    cuts = [f"{part} cut to {p[key]}" for part, key in (("train", "max_train_examples"),
+                                                        ("dev/test", "max_eval_examples"))
+            if p.get(key) is not None]
+    return label + (f" [{', '.join(cuts)}]" if cuts else "")
 
 
 def find_run_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:

@@ -257,6 +257,11 @@ def test_report_rows_gains_and_protocols():
     other["variant"]["protocol"]["epochs"] = 6
     labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other])["rows"]]
     assert ("minilm", "6 ep, lr 0.0005 / 5e-05") in labels
+    # A run on cut splits is marked and is a row of its own.
+    cut = result(1, 0.9, total=8)
+    cut["variant"]["protocol"] |= {"max_train_examples": 32, "max_eval_examples": 8}
+    labels = [(r["label"], r["protocol"]) for r in build_report(runs + [cut])["rows"]]
+    assert ("minilm", "20 ep, lr 0.0005 / 5e-05 [train cut to 32, dev/test cut to 8]") in labels
     with pytest.raises(ValueError, match="differ in train / test size"):
         build_report(runs + [result(3, 0.5, total=99)])
     label = row_label({"lm": "minilm", "kg": "co-trained", "variant": {"adapter": "gated"}})
