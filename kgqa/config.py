@@ -56,7 +56,8 @@ class KGQAConfig(PreTrainedConfig):
     # Neighbours per topic entity given to HittER (REFERENCE.md: up to 50); read where batches
     # are made (kgqa.batches.ClozeCollator).
     max_neighbours: int = 50
-    # How the LM reads HittER (issue "knowledge that helps"; not in the paper beyond "paper"):
+    # How the LM reads HittER (issue "knowledge that helps"; not in the paper beyond "paper");
+    # adapter and copy_head are unused without HittER (model.kg_checkpoint=null: the plain LM):
     # "paper" = the paper's cross-attention block (dense, dropout, residual, LayerNorm);
     # "gated" = x + tanh(g) * dropout(dense(attention)), g = 0 at the start (Flamingo), so the
     # model starts as the plain LM; "none" = no cross-attention in the LM layers.

@@ -119,9 +119,7 @@ class KGEnhancedLM(PreTrainedModel):
                     gated=config.adapter == "gated",
                 )
         self.copy_head: KGCopyHead | None = None
-        if config.copy_head:
-            if hitter is None:
-                raise ValueError("model.copy_head needs HittER (model.kg_checkpoint)")
+        if config.copy_head and hitter is not None:  # like the adapters: unused without KG
             self.copy_head = KGCopyHead(
                 lm.config, hitter.config.hidden_size, hitter.config.num_entities)
         self._freeze_kg()

@@ -3,22 +3,23 @@
 #
 #   1. Link prediction (paper section 3): the cpu-small HittER on FB15K-237
 #      (recipes/pretrain_kg.sh), tested with filtered MRR / Hits@k.
-#   2. Factoid QA (paper section 4): WebQSP full and filtered, MiniLM (the offline test LM)
-#      without KG and with the stage-1 HittER (recipes/finetune_qa.sh), one seed each; the
-#      test accuracy table at the end.
+#   2. Factoid QA (paper section 4): WebQSP filtered, MiniLM (the offline test LM) without KG
+#      and with the stage-1 HittER read by the copy head (recipes/finetune_qa.sh), one seed
+#      each, 20 epochs; the test accuracy table at the end.
 #
 #   KGQA_DATA_DIR=/path/to/data bash recipes/end_to_end.sh
 #
 # Hyper-parameters live in the presets: recipes/configs/cpu-small.yaml (stage 1) and
-# qa-webqsp-minilm-cpu.yaml / qa-webqsp-full-minilm-cpu.yaml (stage 2: MiniLM, HittER frozen,
-# the CPU learning rates, 6 / 2 epochs). Settings (environment; the defaults fit a 2-core
-# machine in about 25 minutes, README "Main job"):
+# qa-webqsp-copy-minilm-cpu.yaml (stage 2: the recommended CPU recipe, chosen by
+# recipes/kg_gain.sh). Settings (environment; README "Main job"):
 #   OUT                  output root [runs/end_to_end]
 #   KG_STEPS             cap on HittER training steps of 1,024 triples (train.max_steps, smoke
 #                        runs); empty: the whole cpu-small preset (3 epochs, 798 steps) []
 #   SEEDS, SEED          seeds per QA setting and the first one [1, 333]
-#   QA_EXTRA             more kgqa.train overrides, e.g. "train.max_train_examples=32" (smoke
-#                        runs) or "model.freeze_kg=false" (HittER co-trained)
+#   QA_EXTRA             more kgqa.train overrides for both QA runs, e.g.
+#                        "train.max_train_examples=32" (smoke runs), "model.freeze_kg=false"
+#                        (HittER co-trained), or the paper's block instead of the copy head:
+#                        "model.adapter=paper model.copy_head=false model.max_neighbours=50"
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail
 # A worker stops when this recipe is gone, even after kill -9 (hitter_core.cli.stop_with_recipe).
@@ -27,7 +28,7 @@ export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNA
 # script waits for them (a trap runs at once during `wait`, not after a foreground command).
 trap 'trap - INT TERM; kill 0' INT TERM
 case "${1:-}" in
-  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
   "") ;;
   *) echo "end_to_end.sh takes no arguments (settings are environment variables; see --help)" >&2
      exit 2 ;;
@@ -53,20 +54,17 @@ bash recipes/pretrain_kg.sh --preset cpu-small --output-dir "$OUT/hitter" "${kg_
 wait $!
 echo "== stage 1 done after $(elapsed)"
 
-for split in filtered full; do
-  preset=qa-webqsp-minilm-cpu
-  [[ $split == full ]] && preset=qa-webqsp-full-minilm-cpu
-  for kg in none "$OUT/hitter/best"; do
-    tag=nokg
-    [[ $kg != none ]] && tag=hitter
-    echo "== stage 2: WebQSP $split, preset $preset, KG $tag ($(elapsed) so far)"
-    log="$OUT/qa-$split-$tag.log"
-    bash recipes/finetune_qa.sh --preset "$preset" --kg-checkpoint "$kg" \
-      --seeds "$SEEDS" --seed "$SEED" --out "$OUT/qa/webqsp-$split-$tag" -- "${qa_extra[@]}" \
-      >"$log" 2>&1 &
-    wait $! || { tail -n 30 "$log"; exit 1; }
-    grep -E "test accuracy" "$log" || true
-  done
+preset=qa-webqsp-copy-minilm-cpu
+for kg in none "$OUT/hitter/best"; do
+  tag=nokg
+  [[ $kg != none ]] && tag=hitter
+  echo "== stage 2: WebQSP filtered, preset $preset, KG $tag ($(elapsed) so far)"
+  log="$OUT/qa-filtered-$tag.log"
+  bash recipes/finetune_qa.sh --preset "$preset" --kg-checkpoint "$kg" \
+    --seeds "$SEEDS" --seed "$SEED" --out "$OUT/qa/webqsp-filtered-$tag" -- "${qa_extra[@]}" \
+    >"$log" 2>&1 &
+  wait $! || { tail -n 30 "$log"; exit 1; }
+  grep -E "test accuracy" "$log" || true
 done
 
 echo
