@@ -2,14 +2,17 @@
 (never a Hub look-up for a local path); KG and QA files are covered in test_data.py and
 test_qa_data.py, damaged training checkpoints in test_train.py."""
 
+import re
+
 import pytest
 
-from hitter_core.checkpoint import CorruptCheckpoint, load_hitter
+from hitter_core.checkpoint import CorruptCheckpoint, clean_run_dir, load_hitter
 from hitter_core.cli import run_cli
 from hitter_core.config import HittERConfig
 from hitter_core.evaluate import main as evaluate_main
 from hitter_core.model import HittER
 from kgqa.lm import resolve_lm
+from kgqa.train import main as qa_train_main
 
 
 @pytest.fixture
@@ -44,9 +47,38 @@ def test_evaluate_command_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name, words", [
     ("./no/such/lm", "model.lm=./no/such/lm: no such directory"),
     ("runs/x/best", "model.lm=runs/x/best: no such directory"),
-    ("not-cached-model", "not in the local Hugging Face cache and the Hub is offline"),
+    ("not-cached-model", "not in the local Hugging Face cache and the Hub is offline "
+                         "(HF_HUB_OFFLINE=1); use model.lm=minilm (offline) or a local directory"),
+    ("bert-base-uncased", "use model.lm=minilm"),  # the users' default, offline
 ])
 def test_language_model_names(monkeypatch, name, words):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=words.replace(".", r"\.")):
+    if name == "bert-base-uncased":
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            pytest.skip("bert-base-uncased is in this machine's Hugging Face cache")
+    with pytest.raises(FileNotFoundError, match=re.escape(words)):
         resolve_lm(name)
+
+
+def test_temporaries_a_crash_left_are_removed(tmp_path):
+    """A kill while a checkpoint was written leaves .last.tmp-* / .best.tmp-*; the next start
+    (either stage, clean_run_dir) removes them and keeps the run's checkpoints."""
+    for name in (".last.tmp-123", ".best.tmp-456", "last", "best"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    assert clean_run_dir(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last"]
+
+
+@pytest.mark.parametrize("override, line", [
+    ("train.patiense=3", "error: override: unknown key 'train.patiense'; did you mean "
+                         "train.patience?"),
+    ("train.patience=-1", "train.patience must be >= 0 (0 = never stop), got -1"),
+    ("model.lm=./no/such/lm", "error: model.lm=./no/such/lm: no such directory"),
+])
+def test_qa_training_mistakes_are_one_line(tmp_path, capsys, override, line):
+    status = run_cli(qa_train_main, ["--preset", "qa-webqsp-minilm-cpu", "--output-dir",
+                                     str(tmp_path / "run"), override])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and line in err

@@ -134,6 +134,18 @@ def test_copy_head_copies_the_attended_neighbours_name(base_lm):
     torch.testing.assert_close(out.log_probs[2], torch.log_softmax(lm_logits[2], -1))
 
 
+def test_without_hitter_the_recommended_preset_is_the_plain_lm(base_lm, neighbours, tokenizer):
+    """qa-webqsp-copy-minilm-cpu with model.kg_checkpoint=null (the no-KG row of the main job):
+    no copy head, no adapters, exactly the stock LM."""
+    config = KGQAConfig(lm="minilm", adapter="none", copy_head=True, max_neighbours=256)
+    model = KGEnhancedLM(config, copy.deepcopy(base_lm)).eval()
+    assert model.copy_head is None and not model.adapters()
+    batch = make_batch(examples([3, 5, 7, 12]), tokenizer, neighbours)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.testing.assert_close(logits, stock_logits(base_lm, batch), rtol=1e-5, atol=1e-5)
+
+
 def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer):
     """With the copy head, answers that are neighbours of the topic are learned from the KG:
     the gold answer is named after a neighbour, and training raises its attention."""

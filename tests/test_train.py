@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
 from hitter_core.checkpoint import TRAINER_STATE, CorruptCheckpoint, TrainState
-from hitter_core.config import ConfigError, HittERConfig, load_config
+from hitter_core.config import RUN_CONFIG_NAME, ConfigError, HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
 from hitter_core.distributed import (
     StaleBuildLock,
@@ -323,10 +323,13 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
     run_b = Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg)
     with pytest.raises(Crash):
         run_b.fit(on_step=crash)
-    with pytest.raises(FileExistsError):  # never overwrite a run silently
-        Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg)
+    saved_config = (tmp_path / "b" / RUN_CONFIG_NAME).read_text()
+    with pytest.raises(FileExistsError, match="holds a checkpoint; pass --resume to continue it, "
+                                              "--overwrite to replace it"):
+        Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg)  # never overwrite silently
     with pytest.raises(ConfigError, match="train.lr: 0.01 saved, 0.02 now"):  # same run only
         Trainer(*configs(kg, tmp_path / "b", *overrides, "train.lr=0.02"), kg=kg, resume=True)
+    assert (tmp_path / "b" / RUN_CONFIG_NAME).read_text() == saved_config  # the record stays
 
     resumed = Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg, resume=True)
     assert resumed.state.step == 8 and resumed.engine.global_steps == 8
@@ -458,13 +461,15 @@ def test_two_cpu_processes_train_data_parallel(tmp_path, launcher):
     assert "both" in result.stdout
 
 
-def test_stale_deepspeed_build_lock_is_reported(tmp_path, monkeypatch):
+def test_stale_deepspeed_build_lock_is_reported(tmp_path, monkeypatch, caplog):
     """An interrupted op build leaves ``lock``; torch would wait on it forever."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    check_build_locks()  # fresh: another process may be building right now
+    with caplog.at_level(logging.WARNING):
+        check_build_locks()  # fresh: another process may be building right now
+    assert "another process is building a DeepSpeed op" in caplog.text
     hour_ago = time.time() - 3600
     os.utime(lock, (hour_ago, hour_ago))
     with pytest.raises(StaleBuildLock, match="lock: left by a build .* 60 minutes ago"):
