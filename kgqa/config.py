@@ -65,6 +65,9 @@ class KGQAConfig(PreTrainedConfig):
     # A pointer over the topic's neighbours that copies a neighbour's name into the [MASK]
     # slots (kgqa.copy_head), mixed with the LM's prediction by a learned gate.
     copy_head: bool = False
+    # The copy head's keys also read each neighbour's name and relation text through the LM's
+    # word embeddings (kgqa.copy_head; an experiment of the KG-gain issue, off by default).
+    copy_name_keys: bool = False
     # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
     # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?
     kg_init: Literal["pretrained", "random"] = "pretrained"

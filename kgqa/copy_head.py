@@ -8,7 +8,11 @@ point at a neighbour instead and copy its name (a pointer-generator, See et al. 
 
 * One attention per question over the KG tokens (the topic's neighbours as HittER's top
   context layer encodes them): query = the mean LM state at the question's [MASK] positions,
-  keys = a projection of the KG tokens. Only neighbours whose name has exactly as many word
+  keys = a projection of the KG tokens. With ``name_keys`` (``model.copy_name_keys``) each
+  key also reads the neighbour's name and its relation's text through the LM's own word
+  embeddings (mean over the word pieces, projected; plus the relation's direction), so that
+  the pointer can match question words ("born", "country") to neighbours it has never seen
+  answer a question. Only neighbours whose name has exactly as many word
   pieces as the question has [MASK] tokens are candidates (the cloze form gives that number
   to every model, the plain LM included).
 * At the k-th [MASK] the copy distribution puts each candidate's weight on the k-th word piece
@@ -43,31 +47,70 @@ class CopyOutput(NamedTuple):
 class KGCopyHead(nn.Module):
     """Pointer over the topic's neighbours that copies their names into the [MASK] slots."""
 
-    def __init__(self, lm_config: BertConfig, kg_dim: int, num_entities: int) -> None:
+    def __init__(self, lm_config: BertConfig, kg_dim: int, num_entities: int,
+                 num_relations: int = 0, name_keys: bool = False) -> None:
         super().__init__()
         d = lm_config.hidden_size
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(kg_dim, d)
         self.gate = nn.Linear(d, 1)
-        for linear in (self.query, self.key, self.gate):
+        linears = [self.query, self.key, self.gate]
+        self.name_keys = name_keys
+        if name_keys:
+            self.name_key = nn.Linear(d, d)  # the neighbour's name
+            self.relation_key = nn.Linear(d, d)  # its relation's text
+            self.direction = nn.Embedding(2, d)  # forward (t, r, e) or reciprocal (e, r, t)
+            nn.init.normal_(self.direction.weight, std=lm_config.initializer_range)
+            linears += [self.name_key, self.relation_key]
+        for linear in linears:
             nn.init.normal_(linear.weight, std=lm_config.initializer_range)
             nn.init.zeros_(linear.bias)
-        # (E, P) word pieces of each entity's name and (E,) their number (0 = never copied).
+        # (E, P) word pieces of each entity's name and (E,) their number (0 = never copied);
+        # name_key_length: the first <= P pieces the keys read (longer names too).
         self.register_buffer("name_pieces", torch.zeros(num_entities, MAX_NAME_PIECES).long())
         self.register_buffer("name_length", torch.zeros(num_entities, dtype=torch.long))
+        if name_keys:
+            self.register_buffer("name_key_length", torch.zeros(num_entities, dtype=torch.long))
+            # (R, P) word pieces of each relation's text (its last P), (R,) their number.
+            self.register_buffer("relation_pieces",
+                                 torch.zeros(num_relations, MAX_NAME_PIECES).long())
+            self.register_buffer("relation_length",
+                                 torch.zeros(num_relations, dtype=torch.long))
 
     def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
         """``pieces[e]``: the word pieces of entity e's name (as the cloze answers are made)."""
         if len(pieces) != len(self.name_length):
             raise ValueError(f"{len(pieces)} names for {len(self.name_length)} entities")
-        table = torch.zeros_like(self.name_pieces)
-        length = torch.zeros_like(self.name_length)
-        for e, ids in enumerate(pieces):
-            if 0 < len(ids) <= MAX_NAME_PIECES:
-                table[e, : len(ids)] = torch.as_tensor(list(ids))
-                length[e] = len(ids)
+        table, length = _piece_table(pieces, keep="first")
         self.name_pieces.copy_(table)
-        self.name_length.copy_(length)
+        self.name_length.copy_(length * (length == torch.tensor([len(p) for p in pieces])))
+        if self.name_keys:
+            self.name_key_length.copy_(length)
+
+    def set_relation_names(self, pieces: Sequence[Sequence[int]]) -> None:
+        """``pieces[r]``: the word pieces of relation r's text (``name_keys`` only)."""
+        if len(pieces) != len(self.relation_length):
+            raise ValueError(f"{len(pieces)} texts for {len(self.relation_length)} relations")
+        table, length = _piece_table(pieces, keep="last")
+        self.relation_pieces.copy_(table)
+        self.relation_length.copy_(length)
+
+    def _text_keys(self, word_embeddings: nn.Embedding, kg_entities: torch.Tensor,
+                   kg_relations: torch.Tensor) -> torch.Tensor:
+        """(B_kg, N, D): what the neighbours' names and relation texts add to the keys."""
+        R = len(self.relation_length)
+
+        def mean_embedding(pieces: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+            keep = torch.arange(MAX_NAME_PIECES, device=pieces.device) < length[..., None]
+            vectors = word_embeddings(pieces) * keep[..., None]  # (B_kg, N, P, D)
+            return vectors.sum(-2) / length.clamp(min=1)[..., None]  # (B_kg, N, D)
+
+        relation = kg_relations % R  # (B_kg, N); ids >= R are the reciprocal relations
+        return (self.name_key(mean_embedding(self.name_pieces[kg_entities],
+                                             self.name_key_length[kg_entities]))
+                + self.relation_key(mean_embedding(self.relation_pieces[relation],
+                                                   self.relation_length[relation]))
+                + self.direction((kg_relations >= R).long()))
 
     def forward(
         self,
@@ -79,11 +122,14 @@ class KGCopyHead(nn.Module):
         kg_tokens: torch.Tensor,
         kg_entities: torch.Tensor,
         kg_mask: torch.Tensor,
+        kg_relations: torch.Tensor | None = None,
+        word_embeddings: nn.Embedding | None = None,
     ) -> CopyOutput:
         """lm_logits (M, V) and mask_states (M, D) at the M [MASK] positions in row-major order,
         rows (M,) their batch row; kg_rows (B_kg,) the rows with KG input, kg_tokens
         (B_kg, N, D_kg) HittER's states of their neighbour tokens, kg_entities (B_kg, N) the
-        neighbour entity ids, kg_mask (B_kg, N) True = real token."""
+        neighbour entity ids, kg_mask (B_kg, N) True = real token; with ``name_keys``,
+        kg_relations (B_kg, N) their relation ids and the LM's word embeddings."""
         M, D = mask_states.shape
         counts = torch.bincount(rows, minlength=batch_size)  # (B,) masks per question
         first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first mask
@@ -92,7 +138,12 @@ class KGCopyHead(nn.Module):
         q = q.index_add(0, rows, mask_states) / counts.clamp(min=1)[:, None]  # (B, D)
         q = q[kg_rows]  # (B_kg, D)
 
-        scores = torch.einsum("bd,bnd->bn", self.query(q), self.key(kg_tokens))  # (B_kg, N)
+        keys = self.key(kg_tokens)  # (B_kg, N, D)
+        if self.name_keys:
+            if kg_relations is None or word_embeddings is None:
+                raise ValueError("name_keys needs kg_relations and the LM's word embeddings")
+            keys = keys + self._text_keys(word_embeddings, kg_entities, kg_relations)
+        scores = torch.einsum("bd,bnd->bn", self.query(q), keys)  # (B_kg, N)
         scores = scores / math.sqrt(D)
         fits = self.name_length[kg_entities] == counts[kg_rows][:, None]  # (B_kg, N)
         candidate = kg_mask & fits
@@ -114,3 +165,16 @@ class KGCopyHead(nn.Module):
             lam = gate[i][:, None]  # (M_kg, 1)
             probs = probs.index_copy(0, with_kg, (1 - lam) * probs[with_kg] + lam * copy)
         return CopyOutput(torch.log(probs.clamp_min(1e-30)), attention, gate)
+
+
+def _piece_table(pieces: Sequence[Sequence[int]], keep: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, P) word pieces, zero-padded, and (n,) their number: the first (``keep="first"``) or
+    last P pieces of each sequence."""
+    table = torch.zeros(len(pieces), MAX_NAME_PIECES, dtype=torch.long)
+    length = torch.zeros(len(pieces), dtype=torch.long)
+    for i, ids in enumerate(pieces):
+        ids = list(ids)[:MAX_NAME_PIECES] if keep == "first" else list(ids)[-MAX_NAME_PIECES:]
+        if ids:
+            table[i, : len(ids)] = torch.as_tensor(ids)
+            length[i] = len(ids)
+    return table, length

@@ -56,6 +56,7 @@ from kgqa.adapters import (
 from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
 from kgqa.copy_head import KGCopyHead
 from kgqa.lm import resolve_lm
+from kgqa.verbalise import relation_texts
 
 
 @dataclass
@@ -121,7 +122,8 @@ class KGEnhancedLM(PreTrainedModel):
         self.copy_head: KGCopyHead | None = None
         if config.copy_head and hitter is not None:  # like the adapters: unused without KG
             self.copy_head = KGCopyHead(
-                lm.config, hitter.config.hidden_size, hitter.config.num_entities)
+                lm.config, hitter.config.hidden_size, hitter.config.num_entities,
+                hitter.config.num_relations, name_keys=config.copy_name_keys)
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()
@@ -176,6 +178,7 @@ class KGEnhancedLM(PreTrainedModel):
                 logits, hidden[positions], rows, len(input_ids), states.rows,
                 states.layers[-1][:, 2:],  # (B_kg, N, D_kg): the neighbour tokens
                 kg_entities[states.rows], states.mask[:, 2:],
+                kg_relations[states.rows], self.lm.bert.embeddings.word_embeddings,
             )
             out.logits, out.kg_rows = copied.log_probs, states.rows
             out.kg_attention, out.kg_gate = copied.attention, copied.gate
@@ -266,10 +269,20 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     return KGEnhancedLM(config, lm, hitter), fresh
 
 
-def entity_name_pieces(entity_names: Sequence[str], tokenizer: Any) -> list[list[int]]:
-    """Word pieces of every entity name, tokenised as the cloze answers are
+def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Word pieces of every name (entities, relation texts), tokenised as the cloze answers are
     (:func:`kgqa.batches.build_cloze_dataset`), for :meth:`KGCopyHead.set_entity_names`."""
-    return tokenizer(list(entity_names), add_special_tokens=False)["input_ids"]
+    return tokenizer(list(names), add_special_tokens=False)["input_ids"]
+
+
+def set_copy_head_names(model: KGEnhancedLM, kg: KnowledgeGraph, tokenizer: Any) -> None:
+    """Give the copy head (if any) the word pieces of the graph's entity names and, for its
+    name-aware keys, of its relation texts."""
+    if model.copy_head is None:
+        return
+    model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+    if model.copy_head.name_keys:
+        model.copy_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
 
 
 def build_neighbour_index(

@@ -44,6 +44,7 @@ def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
     """What distinguishes a run's model (row of the table) and protocol, for metrics.json."""
     return {
         "adapter": model_config.adapter, "copy_head": model_config.copy_head,
+        "copy_name_keys": model_config.copy_name_keys,
         "kg_init": model_config.kg_init, "kg_text_length": model_config.kg_text_length,
         "max_neighbours": model_config.max_neighbours,
         "shuffle_topics": train_config.shuffle_topics,
@@ -66,7 +67,7 @@ def row_label(result: dict[str, Any]) -> str:
     if v.get("adapter", "paper") != "none":
         parts.append(f"{v.get('adapter', 'paper')} adapters")
     if v.get("copy_head"):
-        parts.append("copy head")
+        parts.append("copy head, name keys" if v.get("copy_name_keys") else "copy head")
     label = f"{lm} + HittER {kg}, {' + '.join(parts) or 'unread'}"
     controls = []
     if v.get("kg_init") == "random":

@@ -14,7 +14,7 @@ from kgqa.ask import ask, link_topic, main
 from kgqa.batches import make_batch
 from kgqa.config import KGQAConfig
 from kgqa.data import QAExample
-from kgqa.model import build_model, entity_name_pieces
+from kgqa.model import build_model, name_pieces
 
 NAMES = ["paris", "france", "berlin", "germany", "rome", "italy", "europe"]
 TRAIN = ["paris\tcapital_of\tfrance", "berlin\tcapital_of\tgermany", "rome\tcapital_of\titaly",
@@ -42,7 +42,7 @@ def trained(tmp_path_factory, minilm_path):
     model, _ = build_model(config)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     model.mask_token_id = tokenizer.mask_token_id
-    model.copy_head.set_entity_names(entity_name_pieces(kg.entity_names, tokenizer))
+    model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
     index = NeighbourIndex.build(kg, seed=model.config.kg_config["neighbour_order_seed"])
     examples = [QAExample(f"q{i}", q, kg.entity_names.index(t), a, kg.entity_names.index(a))
                 for i, (q, t, a) in enumerate(QUESTIONS)]

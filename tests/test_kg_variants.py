@@ -21,7 +21,7 @@ from kgqa.batches import build_cloze_dataset, make_batch
 from kgqa.config import KGQAConfig
 from kgqa.copy_head import KGCopyHead
 from kgqa.data import answer_is_neighbour, shuffle_topics
-from kgqa.model import KGEnhancedLM, build_model, entity_name_pieces
+from kgqa.model import KGEnhancedLM, build_model, name_pieces
 from kgqa.qa_readers import QAExample
 from kgqa.report import build_report, format_markdown, row_label
 from kgqa.verbalise import fit_phrases, kg_texts, neighbour_phrases
@@ -146,7 +146,37 @@ def test_without_hitter_the_recommended_preset_is_the_plain_lm(base_lm, neighbou
     torch.testing.assert_close(logits, stock_logits(base_lm, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer):
+RELATION_TEXTS = ["people person place of birth", "location country capital",
+                  "people person languages", "book written work author"]
+
+
+def test_name_keys_read_the_neighbours_names(base_lm, tokenizer):
+    """With name_keys, a neighbour's attention depends on its name and relation text (read
+    through the LM's word embeddings); without, only on HittER's state."""
+    D = base_lm.config.hidden_size
+    kg_tokens = torch.zeros(1, 3, 8)  # identical HittER states: only names can differ
+    entities, relations = torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, R + 1]])
+    args = (torch.zeros(1, 50), torch.randn(1, D), torch.tensor([0]), 1, torch.tensor([0]),
+            kg_tokens, entities, torch.ones(1, 3, dtype=torch.bool), relations,
+            base_lm.bert.embeddings.word_embeddings)
+    torch.manual_seed(0)
+    plain, named = (KGCopyHead(base_lm.config, 8, 3, R, name_keys=k) for k in (False, True))
+    for head in (plain, named):
+        head.set_entity_names([[7], [8], [9]])
+    named.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    with torch.no_grad():
+        assert torch.allclose(plain(*args).attention, torch.full((1, 3), 1 / 3))
+        before = named(*args).attention
+        assert not torch.allclose(before[0, 0], before[0, 1])
+        # Entities 1 and 2 share a relation (1), in opposite directions: the direction counts.
+        assert not torch.allclose(before[0, 1], before[0, 2])
+        named.set_entity_names([[7], [40], [9]])  # rename entity 1
+        after = named(*args).attention
+    assert not torch.allclose(after[0, 1], before[0, 1])
+
+
+@pytest.mark.parametrize("name_keys", [False, True])
+def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer, name_keys):
     """With the copy head, answers that are neighbours of the topic are learned from the KG:
     the gold answer is named after a neighbour, and training raises its attention."""
     topic = 3
@@ -154,9 +184,11 @@ def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer):
     answer_entity = int(nbrs.entities[0, 0])
     names = [f"entity {i}" for i in range(E)]
     names[answer_entity] = "honolulu"
-    model = KGEnhancedLM(KGQAConfig(lm="minilm", adapter="none", copy_head=True),
-                         copy.deepcopy(base_lm), tiny_hitter())
-    model.copy_head.set_entity_names(entity_name_pieces(names, tokenizer))
+    config = KGQAConfig(lm="minilm", adapter="none", copy_head=True, copy_name_keys=name_keys)
+    model = KGEnhancedLM(config, copy.deepcopy(base_lm), tiny_hitter())
+    model.copy_head.set_entity_names(name_pieces(names, tokenizer))
+    if name_keys:
+        model.copy_head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
     batch = make_batch([QAExample("q", "where was obama born?", topic, "honolulu", None)],
                        tokenizer, neighbours)
     optimizer = torch.optim.AdamW(model.copy_head.parameters(), lr=1e-2)
@@ -269,6 +301,12 @@ def test_report_rows_gains_and_protocols():
     other["variant"]["protocol"]["epochs"] = 6
     labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other])["rows"]]
     assert ("minilm", "6 ep, lr 0.0005 / 5e-05") in labels
+    other_lr = result(3, 0.9)
+    other_lr["variant"]["protocol"]["lr_adapters"] = 5e-5
+    labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other_lr])["rows"]]
+    assert ("minilm", "20 ep, lr 5e-05 / 5e-05") in labels
+    with pytest.raises(ValueError, match="differ in train / test size"):  # another train size
+        build_report(runs + [result(3, 0.5) | {"train_examples": 32}])
     # A run on cut splits is marked and is a row of its own.
     cut = result(1, 0.9, total=8)
     cut["variant"]["protocol"] |= {"max_train_examples": 32, "max_eval_examples": 8}
@@ -278,6 +316,9 @@ def test_report_rows_gains_and_protocols():
         build_report(runs + [result(3, 0.5, total=99)])
     label = row_label({"lm": "minilm", "kg": "co-trained", "variant": {"adapter": "gated"}})
     assert label == "minilm + HittER co-trained, gated adapters"
+    label = row_label({"lm": "minilm", "kg": "frozen", "variant": {
+        "adapter": "none", "copy_head": True, "copy_name_keys": True}})
+    assert label == "minilm + HittER frozen, copy head, name keys"
 
 
 def test_report_breakdown_from_predictions(tmp_path):
