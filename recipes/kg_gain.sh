@@ -13,9 +13,10 @@
 #   gated           + HittER through zero-initialised gated adapters
 #   copy            + HittER read by the copy head (kgqa.copy_head), 256 neighbours
 #   copy-names      the copy head whose keys also read names and relation texts
-#   copy-cotrained  the same with HittER co-trained
+#   copy-cotrained  the copy head, HittER co-trained
 #   copy-untrained  control: the copy head over an untrained HittER of the same shape
 #   copy-shuffled   control: the copy head, every question given another question's topic
+#   copy-names-untrained, copy-names-shuffled   the same two controls for copy-names
 # Options: --dataset webqsp|freebaseqa [webqsp], --split filtered|full [filtered],
 #   --kg-checkpoint DIR (HittER, for the KG rows), --seeds N [5], --seed S [333],
 #   --jobs J (runs at a time, one thread each; [1] = one run with all threads),
@@ -47,7 +48,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-untrained,copy-shuffled}"
+rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
@@ -63,6 +64,10 @@ row_overrides() {  # the overrides of one row
     copy-cotrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.freeze_kg=false" ;;
     copy-untrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.kg_init=random" ;;
     copy-shuffled) echo "model.kg_checkpoint=$kg ${copy[*]} train.shuffle_topics=true" ;;
+    copy-names-untrained)
+      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true model.kg_init=random" ;;
+    copy-names-shuffled)
+      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true train.shuffle_topics=true" ;;
     *) echo "kg_gain.sh: unknown row '$1' (see --help)" >&2; return 2 ;;
   esac
 }
