@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,7 +102,7 @@ def stop_with_recipe(interval: float = 1.0) -> None:
 
     def watch() -> None:
         while all(map(_alive, pids)):
-            threading.Event().wait(interval)
+            time.sleep(interval)
         print(f"the recipe that started this process is gone ({RECIPE_PIDS_ENV}="
               f"{os.environ[RECIPE_PIDS_ENV]}): stopping", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)

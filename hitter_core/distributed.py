@@ -42,6 +42,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    alone = "WORLD_SIZE" not in os.environ  # no launcher: a world of one
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:  # a free port for a world of one
             s.bind(("127.0.0.1", 0))
@@ -55,8 +56,12 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     cuda = get_accelerator().device_name() == "cuda"
     if not cuda:
         check_build_locks()
+    backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        if alone:  # no rendezvous, so no port to race for: an in-memory store (MASTER_PORT
+            # stays set: DeepSpeed's CPU op names its shared memory after it)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the group if there is one
     where = torch.device("cpu")
     if cuda:
         where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -12,9 +12,9 @@ point at a neighbour instead and copy its name (a pointer-generator, See et al. 
   key also reads the neighbour's name and its relation's text through the LM's own word
   embeddings (mean over the word pieces, projected; plus the relation's direction), so that
   the pointer can match question words ("born", "country") to neighbours it has never seen
-  answer a question. Only neighbours whose name has exactly as many word
-  pieces as the question has [MASK] tokens are candidates (the cloze form gives that number
-  to every model, the plain LM included).
+  answer a question. Only neighbours whose name has exactly as many word pieces as the
+  question has [MASK] tokens are candidates (the cloze form gives that number to every model,
+  the plain LM included).
 * At the k-th [MASK] the copy distribution puts each candidate's weight on the k-th word piece
   of its name; a gate ``lam = sigmoid(w . q + b)`` mixes it with the LM's softmax:
   ``p = (1 - lam) p_LM + lam p_copy``. Questions without a candidate (or without KG input)
@@ -82,8 +82,9 @@ class KGCopyHead(nn.Module):
         if len(pieces) != len(self.name_length):
             raise ValueError(f"{len(pieces)} names for {len(self.name_length)} entities")
         table, length = _piece_table(pieces, keep="first")
+        whole = length == torch.tensor([len(p) for p in pieces])  # longer names: cut to P
         self.name_pieces.copy_(table)
-        self.name_length.copy_(length * (length == torch.tensor([len(p) for p in pieces])))
+        self.name_length.copy_(torch.where(whole, length, 0))  # a cut name is never copied
         if self.name_keys:
             self.name_key_length.copy_(length)
 

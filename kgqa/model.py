@@ -271,7 +271,7 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
 
 def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
     """Word pieces of every name (entities, relation texts), tokenised as the cloze answers are
-    (:func:`kgqa.batches.build_cloze_dataset`), for :meth:`KGCopyHead.set_entity_names`."""
+    (:func:`kgqa.batches.build_cloze_dataset`), for the copy head's name tables."""
     return tokenizer(list(names), add_special_tokens=False)["input_ids"]
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -504,3 +505,20 @@ def test_deepspeed_ops_are_built_once_per_environment(tmp_path, monkeypatch):
     assert extensions_dir() == tmp_path / "torch_extensions"
     monkeypatch.setattr(sys, "base_prefix", str(tmp_path))  # the system Python: torch's cache
     assert extensions_dir().name == "torch_extensions" and extensions_dir().parent != tmp_path
+
+
+def test_a_world_of_one_binds_no_port(tmp_path):
+    """Without a launcher the process group needs no rendezvous: MASTER_PORT held by another
+    process does not matter (before: EADDRINUSE when another job took the port in between)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+        env |= {"MASTER_PORT": str(busy.getsockname()[1]), "OMP_NUM_THREADS": "1"}
+        code = ("from hitter_core.distributed import init_distributed; "
+                "print(init_distributed('cpu')[:2])")
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("(0, 1)")
