@@ -14,6 +14,7 @@
 #   copy            + HittER read by the copy head (kgqa.copy_head), 256 neighbours
 #   copy-names      the copy head whose keys also read names and relation texts
 #   copy-cotrained  the copy head, HittER co-trained
+#   copy-names-cotrained   copy-names, HittER co-trained
 #   copy-untrained  control: the copy head over an untrained HittER of the same shape
 #   copy-shuffled   control: the copy head, every question given another question's topic
 #   copy-names-untrained, copy-names-shuffled   the same two controls for copy-names
@@ -48,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled}"
+rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
@@ -62,6 +63,8 @@ row_overrides() {  # the overrides of one row
     copy) echo "model.kg_checkpoint=$kg ${copy[*]}" ;;
     copy-names) echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true" ;;
     copy-cotrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.freeze_kg=false" ;;
+    copy-names-cotrained)
+      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true model.freeze_kg=false" ;;
     copy-untrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.kg_init=random" ;;
     copy-shuffled) echo "model.kg_checkpoint=$kg ${copy[*]} train.shuffle_topics=true" ;;
     copy-names-untrained)
