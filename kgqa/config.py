@@ -66,7 +66,8 @@ class KGQAConfig(PreTrainedConfig):
     # slots (kgqa.copy_head), mixed with the LM's prediction by a learned gate.
     copy_head: bool = False
     # The copy head's keys also read each neighbour's name and relation text through the LM's
-    # word embeddings (kgqa.copy_head; an experiment of the KG-gain issue, off by default).
+    # word embeddings (kgqa.copy_head; the recommended CPU recipe sets it, the paper has no
+    # copy head).
     copy_name_keys: bool = False
     # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
     # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?

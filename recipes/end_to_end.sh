@@ -4,8 +4,8 @@
 #   1. Link prediction (paper section 3): the cpu-small HittER on FB15K-237
 #      (recipes/pretrain_kg.sh), tested with filtered MRR / Hits@k.
 #   2. Factoid QA (paper section 4): WebQSP filtered, MiniLM (the offline test LM) without KG
-#      and with the stage-1 HittER read by the copy head (recipes/finetune_qa.sh), one seed
-#      each, 20 epochs; the test accuracy table at the end.
+#      and with the stage-1 HittER read by the copy head with name keys
+#      (recipes/finetune_qa.sh), one seed each, 20 epochs; the test accuracy table at the end.
 #
 #   KGQA_DATA_DIR=/path/to/data bash recipes/end_to_end.sh
 #
