@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
-from hitter_core.config import HittERConfig
+from hitter_core.config import HittERConfig, load_sections
 from hitter_core.data import KnowledgeGraph
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.batches import build_cloze_dataset, make_batch
-from kgqa.config import KGQAConfig
+from kgqa.config import QA_SCHEMA, KGQAConfig
 from kgqa.copy_head import KGCopyHead
 from kgqa.data import answer_is_neighbour, shuffle_topics
 from kgqa.model import KGEnhancedLM, build_model, name_pieces
@@ -137,7 +137,9 @@ def test_copy_head_copies_the_attended_neighbours_name(base_lm):
 def test_without_hitter_the_recommended_preset_is_the_plain_lm(base_lm, neighbours, tokenizer):
     """qa-webqsp-copy-minilm-cpu with model.kg_checkpoint=null (the no-KG row of the main job):
     no copy head, no adapters, exactly the stock LM."""
-    config = KGQAConfig(lm="minilm", adapter="none", copy_head=True, max_neighbours=256)
+    config = load_sections(QA_SCHEMA, "qa-webqsp-copy-minilm-cpu",
+                           ["model.kg_checkpoint=null"])["model"]
+    assert config.copy_head and config.copy_name_keys  # the preset's KG setting, unused here
     model = KGEnhancedLM(config, copy.deepcopy(base_lm)).eval()
     assert model.copy_head is None and not model.adapters()
     batch = make_batch(examples([3, 5, 7, 12]), tokenizer, neighbours)
