@@ -177,6 +177,36 @@ def test_name_keys_read_the_neighbours_names(base_lm, tokenizer):
     assert not torch.allclose(after[0, 1], before[0, 1])
 
 
+def test_name_keys_of_distinct_entities_equal_the_per_token_keys(base_lm, tokenizer):
+    """The text keys are computed once per distinct entity and relation, then gathered: the
+    same values and gradients as embedding every neighbour token's name and relation text."""
+    torch.manual_seed(0)
+    head = KGCopyHead(base_lm.config, 8, 6, R, name_keys=True)
+    head.set_entity_names([[7], [8, 9], [10, 11, 12], [13], [14, 15], list(range(20, 31))])
+    head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    embeddings = copy.deepcopy(base_lm.bert.embeddings.word_embeddings)
+    entities = torch.tensor([[0, 1, 1, 5], [2, 0, 3, 4]])  # repeated entities and relations
+    relations = torch.tensor([[0, 1, R + 1, 3], [R, 0, 2, R + 3]])
+
+    def per_token() -> torch.Tensor:
+        def mean(pieces, length):
+            keep = torch.arange(pieces.shape[-1]) < length[..., None]
+            return (embeddings(pieces) * keep[..., None]).sum(-2) / length[..., None]
+        rel = relations % R
+        return (head.name_key(mean(head.name_pieces[entities], head.name_key_length[entities]))
+                + head.relation_key(mean(head.relation_pieces[rel], head.relation_length[rel]))
+                + head.direction((relations >= R).long()))
+
+    keys = head._text_keys(embeddings, entities, relations)
+    expected = per_token()
+    torch.testing.assert_close(keys, expected)
+    weights = torch.randn_like(keys)
+    grads = [torch.autograd.grad((k * weights).sum(), [embeddings.weight, head.name_key.weight])
+             for k in (keys, expected)]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("name_keys", [False, True])
 def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer, name_keys):
     """With the copy head, answers that are neighbours of the topic are learned from the KG:
