@@ -31,21 +31,23 @@ from hitter_core.checkpoint import load_hitter
 from hitter_core.cli import run_cli
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.model import HittERScorer
-from kgqa.data import qa_splits, read_sources
+from kgqa.data import answer_is_neighbour, qa_splits, read_sources
 from kgqa.lm import resolve_lm
 from kgqa.model import build_neighbour_index, name_pieces
 
 
-def probe(hitter, index, examples, name_length: torch.Tensor, tokenizer) -> dict[str, float]:
-    """Oracle-relation hits@1 / hits@10 of the answer, split by answer-is-neighbour."""
+def probe(hitter, index, examples, is_neighbour: list[bool], name_length: torch.Tensor,
+          tokenizer) -> dict[str, float]:
+    """Oracle-relation hits@1 / hits@10 of the answer, split by answer-is-neighbour (the QA
+    report's breakdown, :func:`kgqa.data.answer_is_neighbour`)."""
     R = hitter.config.num_relations
     scorer = HittERScorer(hitter, index)
     hits = {f"{part}@{k}": 0 for part in ("neighbour", "other") for k in (1, 10)}
     count = {"neighbour": 0, "other": 0}
-    for ex in examples:
-        entities, relations = index.neighbours_of(ex.topic_entity)
-        part = "neighbour" if ex.answer_entity in set(entities.tolist()) else "other"
+    for ex, neighbour in zip(examples, is_neighbour, strict=True):
+        part = "neighbour" if neighbour else "other"
         count[part] += 1
+        _, relations = index.neighbours_of(ex.topic_entity)
         queries = sorted({(int(r) + R) % (2 * R) for r in relations})  # (topic, r, ?) -> token
         if not queries:
             continue
@@ -96,11 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "filtered")[args.split]
     tokenizer = AutoTokenizer.from_pretrained(resolve_lm(args.lm))
     name_length = torch.tensor([len(p) for p in name_pieces(kg.entity_names, tokenizer)])
+    is_neighbour = answer_is_neighbour([e.topic_entity for e in examples],
+                                       [e.answer_entity for e in examples], kg)
+    index = None  # the same for both: the checkpoint's config
     for init in ("pretrained", "untrained"):
         torch.manual_seed(0)
         hitter = load_hitter(args.checkpoint, weights=init == "pretrained").eval()
-        index = build_neighbour_index(hitter.config.to_dict(), data_dir, kg=kg)
-        r = probe(hitter, index, examples, name_length, tokenizer)
+        index = index or build_neighbour_index(hitter.config.to_dict(), data_dir, kg=kg)
+        r = probe(hitter, index, examples, is_neighbour, name_length, tokenizer)
         print(f"{args.dataset} filtered {args.split}, HittER {init}: oracle-relation hits@1 "
               f"{r['all@1']:.3f}; answer a neighbour ({r['n_neighbour']} q.) hits@1 "
               f"{r['neighbour@1']:.3f} hits@10 {r['neighbour@10']:.3f}; other "

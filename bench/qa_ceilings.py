@@ -28,6 +28,10 @@ def predictions(row: Path, seed: str) -> dict[str, dict]:
         return {p["question_id"]: p for p in map(json.loads, f)}
 
 
+def seeds_of(row: Path) -> set[str]:
+    return {p.parent.name for p in row.glob("seed*/predictions.test.jsonl")}
+
+
 def ceilings(lm: dict[str, dict], kg: dict[str, dict]) -> dict[str, float]:
     if lm.keys() != kg.keys():
         raise ValueError("the two runs predicted different test questions")
@@ -46,9 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("lm_row", type=Path, help="the plain LM's row directory")
     parser.add_argument("kg_row", type=Path, help="the KG variant's row directory")
     args = parser.parse_args(argv)
-    def seeds_of(row: Path) -> set[str]:
-        return {p.parent.name for p in row.glob("seed*/predictions.test.jsonl")}
-
     seeds = sorted(seeds_of(args.lm_row) & seeds_of(args.kg_row))
     if not seeds:
         raise FileNotFoundError(f"no seed with predictions.test.jsonl in both {args.lm_row} "
