@@ -4,7 +4,7 @@
 #   1. Link prediction (paper section 3): the cpu-small HittER on FB15K-237
 #      (recipes/pretrain_kg.sh), tested with filtered MRR / Hits@k.
 #   2. Factoid QA (paper section 4): WebQSP filtered, MiniLM (the offline test LM) without KG
-#      and with the stage-1 HittER read by the copy head with name keys
+#      and with the stage-1 HittER, co-trained, read by the copy head with name keys
 #      (recipes/finetune_qa.sh), one seed each, 20 epochs; the test accuracy table at the end.
 #
 #   KGQA_DATA_DIR=/path/to/data bash recipes/end_to_end.sh
@@ -17,8 +17,8 @@
 #                        runs); empty: the whole cpu-small preset (3 epochs, 798 steps) []
 #   SEEDS, SEED          seeds per QA setting and the first one [1, 333]
 #   QA_EXTRA             more kgqa.train overrides for both QA runs, e.g.
-#                        "train.max_train_examples=32" (smoke runs), "model.freeze_kg=false"
-#                        (HittER co-trained), or the paper's block instead of the copy head:
+#                        "train.max_train_examples=32" (smoke runs), "model.freeze_kg=true"
+#                        (HittER frozen), or the paper's block instead of the copy head:
 #                        "model.adapter=paper model.copy_head=false model.max_neighbours=50"
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail

@@ -139,7 +139,7 @@ def test_without_hitter_the_recommended_preset_is_the_plain_lm(base_lm, neighbou
     no copy head, no adapters, exactly the stock LM."""
     config = load_sections(QA_SCHEMA, "qa-webqsp-copy-minilm-cpu",
                            ["model.kg_checkpoint=null"])["model"]
-    assert config.copy_head and config.copy_name_keys  # the preset's KG setting, unused here
+    assert config.copy_head and config.copy_name_keys and not config.freeze_kg  # unused here
     model = KGEnhancedLM(config, copy.deepcopy(base_lm)).eval()
     assert model.copy_head is None and not model.adapters()
     batch = make_batch(examples([3, 5, 7, 12]), tokenizer, neighbours)
