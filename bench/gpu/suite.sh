@@ -18,8 +18,8 @@
 #                from the bf16 step time), then valid + test: MRR and epochs done      2 x 120 s
 #   eval-fb15k-237  python -m hitter_core.evaluate on that checkpoint: full filtered test 45 s
 #   qa-smoke     kgqa.train: MiniLM (bf16 weights from .gpu), WebQSP filtered, one epoch,
-#                copy head with name keys (the recommended recipe) over the FB15K-237
-#                checkpoint, bf16 through DeepSpeed                                     100 s
+#                co-trained HittER read by the copy head with name keys (the recommended
+#                recipe) from the FB15K-237 checkpoint, bf16 through DeepSpeed          100 s
 # A failed or timed-out step is recorded (results.json: rc, seconds) and the suite goes on.
 # Options: --cpu-dry-run, --only STEP[,STEP] (names as above; speed = all three speed steps).
 set -uo pipefail
@@ -169,7 +169,7 @@ step eval-fb15k-237 "$t_eval" "$PYTHON" -m hitter_core.evaluate "$work/runs/fb15
 kg_sets=(model.kg_checkpoint=null)
 if [[ -f $work/runs/fb15k-237/best/config.json ]]; then
   kg_sets=(model.kg_checkpoint="$work/runs/fb15k-237/best" model.adapter=none model.copy_head=true
-           model.copy_name_keys=true model.max_neighbours=256)
+           model.copy_name_keys=true model.max_neighbours=256 model.freeze_kg=false)
 fi
 step qa-smoke "$t_qa" "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu \
   --output-dir "$work/runs/qa-smoke" --data-dir "$KGQA_DATA_DIR" model.lm="$gpu_dir/minilm" \
