@@ -15,9 +15,10 @@ The topic entity (whose neighbourhood HittER encodes) is ``--topic`` (an identif
 the graph), else the longest entity name found in the question (case-insensitive word match;
 several entities of that name: the one with the most neighbours), and the output says which
 entity was used. The evidence: for the copy head (:mod:`kgqa.copy_head`), its pointer weights
-over the topic's neighbours and its gate; for cross-attention adapters, their attention from
-the [MASK] positions, averaged over heads, masks and adapter layers. A model without HittER has
-no evidence to show.
+over the topic's neighbours and its gate; for the link head (:mod:`kgqa.link_head`), the
+relations of the topic it asked HittER about, and its gate; for cross-attention adapters, their
+attention from the [MASK] positions, averaged over heads, masks and adapter layers. A model
+without HittER has no evidence to show.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ MAX_NAME_WORDS = 8  # longest entity name looked for in a question
 
 @dataclass
 class Evidence:
-    entity: str  # the neighbour's name
+    entity: str  # the neighbour's name ("?" for a relation the link head asked about)
     fact: str  # the triple that makes it a neighbour, e.g. "(paris, capital_of, france)"
     weight: float
 
@@ -60,7 +61,9 @@ class Answer:
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # (text, score)
     topic: str | None = None  # "name (identifier)", or None
     evidence: list[Evidence] = field(default_factory=list)
-    gate: float | None = None  # the copy head's share of the copy distribution
+    gate: float | None = None  # the copy head's gate, the link head's beta
+    gate_name: str = "copy gate"
+    read: str = "the neighbours read most"  # what the evidence lists
 
 
 def link_topic(question: str, kg: KnowledgeGraph, degrees: torch.Tensor | None = None) -> int:
@@ -109,7 +112,7 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
         batch.pop("labels")
         out, weights = run_with_attention(model, batch)
         logp = out.logits.float()
-        if out.kg_attention is None:  # plain logits; the copy head returns log-probabilities
+        if out.kg_gate is None:  # plain logits; the KG heads return log-probabilities
             logp = torch.log_softmax(logp, -1)
         best, pieces = logp.max(-1)  # (n,)
         tried.append((best.mean().item(), n, pieces, logp, out, batch, weights))
@@ -127,6 +130,16 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     if topic < 0 or kg is None or model.hitter is None:
         return answer
     answer.topic = f"{kg.entity_names[topic]} ({kg.entities[topic]})"
+    R, name = kg.num_relations, kg.entity_names[topic]
+    if out.kg_relation_probs is not None:  # the link head: (topic, r, ?) or (?, r - R, topic)
+        p = out.kg_relation_probs[0]  # (2R,)
+        answer.gate, answer.gate_name = float(out.kg_gate[0]), "HittER's weight beta"
+        answer.read = "the relations HittER was asked"
+        for r in p.topk(min(top_k, int((p > 0).sum()))).indices.tolist():
+            fact = f"({name}, {kg.relations[r]}, ?)" if r < R else (
+                f"(?, {kg.relations[r - R]}, {name})")
+            answer.evidence.append(Evidence("?", fact, float(p[r])))
+        return answer
     ents, rels, mask = batch["kg_entities"][0], batch["kg_relations"][0], batch["kg_mask"][0]
     if out.kg_attention is not None:
         w = out.kg_attention[0]  # (N,) over the neighbours
@@ -137,7 +150,6 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     else:
         return answer
     w = w.masked_fill(~mask, 0.0)
-    R, name = kg.num_relations, kg.entity_names[topic]
     for i in w.topk(min(top_k, int(mask.sum()))).indices.tolist():
         # Token (e, r) of the topic: an incoming edge (e, r, topic), or for r >= R the
         # outgoing edge (topic, r - R, e) (hitter_core.neighbours).
@@ -156,8 +168,8 @@ def format_answer(answer: Answer) -> str:
                                                   for t, s in answer.alternatives))
     lines.append(f"topic entity: {answer.topic or 'none (the plain LM answers)'}")
     if answer.evidence:
-        gate = "" if answer.gate is None else f" (copy gate {answer.gate:.2f})"
-        lines.append(f"KG evidence{gate}: the neighbours read most")
+        gate = "" if answer.gate is None else f" ({answer.gate_name} {answer.gate:.2f})"
+        lines.append(f"KG evidence{gate}: {answer.read}")
         lines += [f"  {e.weight:.3f}  {e.fact}" for e in answer.evidence]
     return "\n".join(lines)
 

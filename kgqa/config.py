@@ -57,7 +57,7 @@ class KGQAConfig(PreTrainedConfig):
     # are made (kgqa.batches.ClozeCollator).
     max_neighbours: int = 50
     # How the LM reads HittER (issue "knowledge that helps"; not in the paper beyond "paper");
-    # adapter and copy_head are unused without HittER (model.kg_checkpoint=null: the plain LM):
+    # adapter and the KG heads are unused without HittER (model.kg_checkpoint=null: the plain LM):
     # "paper" = the paper's cross-attention block (dense, dropout, residual, LayerNorm);
     # "gated" = x + tanh(g) * dropout(dense(attention)), g = 0 at the start (Flamingo), so the
     # model starts as the plain LM; "none" = no cross-attention in the LM layers.
@@ -69,6 +69,11 @@ class KGQAConfig(PreTrainedConfig):
     # word embeddings (kgqa.copy_head; the recommended CPU recipe sets it, the paper has no
     # copy head).
     copy_name_keys: bool = False
+    # HittER's own link prediction answers (kgqa.link_head): the question picks which of the
+    # topic's relations it asks, HittER scores every entity for them, and the names it finds
+    # likelier than chance get their LM logits raised (weight zero at the start). No neighbour
+    # list reaches the head. Not with copy_head.
+    link_head: bool = False
     # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
     # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?
     kg_init: Literal["pretrained", "random"] = "pretrained"
@@ -87,6 +92,9 @@ class KGQAConfig(PreTrainedConfig):
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.layer_mapping is not None:
             parse_layer_mapping(self.layer_mapping)  # fail early on a malformed string
+        if self.copy_head and self.link_head:
+            raise ValueError("copy_head and link_head are two ways of answering from the KG: "
+                             "set one")
         if self.kg_text_length < 0:
             raise ValueError(f"kg_text_length must be >= 0, got {self.kg_text_length}")
         if self.kg_text_length and self.kg_checkpoint is not None:

@@ -45,12 +45,77 @@ class CopyOutput(NamedTuple):
     gate: torch.Tensor  # (B_kg,) lam, the share of the copy distribution
 
 
-class KGCopyHead(nn.Module):
+def mask_queries(mask_states: torch.Tensor, rows: torch.Tensor, batch_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask states (M, D) in row-major order and their rows (M,) -> the question vectors
+    q (B, D) (mean state at each question's [MASK] positions), the masks per question (B,) and
+    each mask's slot k (M,) (the k-th [MASK] of its question)."""
+    M, D = mask_states.shape
+    counts = torch.bincount(rows, minlength=batch_size)  # (B,) masks per question
+    first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first mask
+    slot = torch.arange(M, device=rows.device) - first[rows]  # (M,)
+    q = torch.zeros(batch_size, D, dtype=mask_states.dtype, device=rows.device)
+    q = q.index_add(0, rows, mask_states) / counts.clamp(min=1)[:, None]  # (B, D)
+    return q, counts, slot
+
+
+class NameCopier(nn.Module):
+    """What the KG heads share: the word pieces of every entity's name and the mixture that
+    puts a distribution over entities on their names' word pieces and mixes it with the LM's
+    softmax, ``p = (1 - lam) p_LM + lam p_copy``."""
+
+    def __init__(self, num_entities: int) -> None:
+        super().__init__()
+        # (E, P) word pieces of each entity's name and (E,) their number (0 = never copied).
+        self.register_buffer("name_pieces", torch.zeros(num_entities, MAX_NAME_PIECES).long())
+        self.register_buffer("name_length", torch.zeros(num_entities, dtype=torch.long))
+
+    def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
+        """``pieces[e]``: the word pieces of entity e's name (as the cloze answers are made)."""
+        if len(pieces) != len(self.name_length):
+            raise ValueError(f"{len(pieces)} names for {len(self.name_length)} entities")
+        table, length = _piece_table(pieces, keep="first")
+        whole = length == torch.tensor([len(p) for p in pieces])  # longer names: cut to P
+        self.name_pieces.copy_(table)
+        self.name_length.copy_(torch.where(whole, length, 0))  # a cut name is never copied
+
+    def on_names(self, rows: torch.Tensor, slot: torch.Tensor, batch_size: int,
+                 kg_rows: torch.Tensor, entities: torch.Tensor, weights: torch.Tensor,
+                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights over entities -> weights over word pieces, at the masks of the questions with
+        KG input (rows ``kg_rows`` (B_kg,)): at the k-th [MASK], the weight (B_kg, C) of each of
+        the C candidate ``entities`` (B_kg, C) goes to the k-th word piece of its name.
+        Returns (M_kg,) those masks, (M_kg,) their KG row and (M_kg, V) the weights."""
+        row_to_kg = torch.full((batch_size,), -1, dtype=torch.long, device=rows.device)
+        row_to_kg[kg_rows] = torch.arange(len(kg_rows), device=rows.device)
+        with_kg = (row_to_kg[rows] >= 0).nonzero().squeeze(1)  # (M_kg,) masks with KG input
+        i = row_to_kg[rows[with_kg]]  # (M_kg,) their KG row
+        k = slot[with_kg].clamp(max=MAX_NAME_PIECES - 1)[:, None]  # (M_kg, 1)
+        pieces = self.name_pieces[entities[i], k]  # (M_kg, C) k-th piece of each name
+        mass = weights.new_zeros(len(with_kg), vocab_size).scatter_add(1, pieces, weights[i])
+        return with_kg, i, mass
+
+    def mix(self, lm_logits: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor,
+            batch_size: int, kg_rows: torch.Tensor, entities: torch.Tensor,
+            weights: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """(M, V) log-probabilities: the LM's softmax with the candidates' ``weights`` on their
+        names' word pieces (:meth:`on_names`) mixed in at ``gate`` (B_kg,). Masks without KG
+        input keep the LM's softmax exactly."""
+        probs = torch.softmax(lm_logits.float(), dim=-1)  # (M, V)
+        with_kg, i, copy = self.on_names(rows, slot, batch_size, kg_rows, entities, weights,
+                                         probs.shape[1])
+        if len(with_kg):
+            lam = gate[i][:, None]  # (M_kg, 1)
+            probs = probs.index_copy(0, with_kg, (1 - lam) * probs[with_kg] + lam * copy)
+        return torch.log(probs.clamp_min(1e-30))
+
+
+class KGCopyHead(NameCopier):
     """Pointer over the topic's neighbours that copies their names into the [MASK] slots."""
 
     def __init__(self, lm_config: BertConfig, kg_dim: int, num_entities: int,
                  num_relations: int = 0, name_keys: bool = False) -> None:
-        super().__init__()
+        super().__init__(num_entities)
         d = lm_config.hidden_size
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(kg_dim, d)
@@ -66,10 +131,7 @@ class KGCopyHead(nn.Module):
         for linear in linears:
             nn.init.normal_(linear.weight, std=lm_config.initializer_range)
             nn.init.zeros_(linear.bias)
-        # (E, P) word pieces of each entity's name and (E,) their number (0 = never copied);
-        # name_key_length: the first <= P pieces the keys read (longer names too).
-        self.register_buffer("name_pieces", torch.zeros(num_entities, MAX_NAME_PIECES).long())
-        self.register_buffer("name_length", torch.zeros(num_entities, dtype=torch.long))
+        # name_key_length: the first <= P pieces of each name that the keys read (longer too).
         if name_keys:
             self.register_buffer("name_key_length", torch.zeros(num_entities, dtype=torch.long))
             # (R, P) word pieces of each relation's text (its last P), (R,) their number.
@@ -79,15 +141,9 @@ class KGCopyHead(nn.Module):
                                  torch.zeros(num_relations, dtype=torch.long))
 
     def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
-        """``pieces[e]``: the word pieces of entity e's name (as the cloze answers are made)."""
-        if len(pieces) != len(self.name_length):
-            raise ValueError(f"{len(pieces)} names for {len(self.name_length)} entities")
-        table, length = _piece_table(pieces, keep="first")
-        whole = length == torch.tensor([len(p) for p in pieces])  # longer names: cut to P
-        self.name_pieces.copy_(table)
-        self.name_length.copy_(torch.where(whole, length, 0))  # a cut name is never copied
+        super().set_entity_names(pieces)
         if self.name_keys:
-            self.name_key_length.copy_(length)
+            self.name_key_length.copy_(_piece_table(pieces, keep="first")[1])
 
     def set_relation_names(self, pieces: Sequence[Sequence[int]]) -> None:
         """``pieces[r]``: the word pieces of relation r's text (``name_keys`` only)."""
@@ -138,12 +194,8 @@ class KGCopyHead(nn.Module):
         (B_kg, N, D_kg) HittER's states of their neighbour tokens, kg_entities (B_kg, N) the
         neighbour entity ids, kg_mask (B_kg, N) True = real token; with ``name_keys``,
         kg_relations (B_kg, N) their relation ids and the LM's word embeddings."""
-        M, D = mask_states.shape
-        counts = torch.bincount(rows, minlength=batch_size)  # (B,) masks per question
-        first = torch.cumsum(counts, 0) - counts  # (B,) index of each row's first mask
-        slot = torch.arange(M, device=rows.device) - first[rows]  # (M,) k of the k-th mask
-        q = torch.zeros(batch_size, D, dtype=mask_states.dtype, device=rows.device)
-        q = q.index_add(0, rows, mask_states) / counts.clamp(min=1)[:, None]  # (B, D)
+        D = mask_states.shape[1]
+        q, counts, slot = mask_queries(mask_states, rows, batch_size)  # (B, D), (B,), (M,)
         q = q[kg_rows]  # (B_kg, D)
 
         keys = self.key(kg_tokens)  # (B_kg, N, D)
@@ -161,18 +213,9 @@ class KGCopyHead(nn.Module):
         attention = torch.softmax(scores.float(), dim=1) * candidate  # (B_kg, N)
         gate = torch.sigmoid(self.gate(q)).squeeze(1).float() * has_candidate  # (B_kg,)
 
-        probs = torch.softmax(lm_logits.float(), dim=-1)  # (M, V)
-        row_to_kg = torch.full((batch_size,), -1, dtype=torch.long, device=rows.device)
-        row_to_kg[kg_rows] = torch.arange(len(kg_rows), device=rows.device)
-        with_kg = (row_to_kg[rows] >= 0).nonzero().squeeze(1)  # (M_kg,) masks with KG input
-        if len(with_kg):
-            i = row_to_kg[rows[with_kg]]  # (M_kg,) their KG row
-            k = slot[with_kg].clamp(max=MAX_NAME_PIECES - 1)[:, None]  # (M_kg, 1)
-            pieces = self.name_pieces[kg_entities[i], k]  # (M_kg, N) k-th piece of each name
-            copy = torch.zeros_like(probs[with_kg]).scatter_add(1, pieces, attention[i])
-            lam = gate[i][:, None]  # (M_kg, 1)
-            probs = probs.index_copy(0, with_kg, (1 - lam) * probs[with_kg] + lam * copy)
-        return CopyOutput(torch.log(probs.clamp_min(1e-30)), attention, gate)
+        log_probs = self.mix(lm_logits, rows, slot, batch_size, kg_rows, kg_entities, attention,
+                             gate)
+        return CopyOutput(log_probs, attention, gate)
 
 
 def _piece_table(pieces: Sequence[Sequence[int]], keep: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,7 @@ from kgqa.adapters import (
 )
 from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
 from kgqa.copy_head import KGCopyHead
+from kgqa.link_head import KGLinkHead
 from kgqa.lm import resolve_lm
 from kgqa.verbalise import relation_texts
 
@@ -72,9 +73,12 @@ class KGQAOutput(ModelOutput):
     # With the copy head (kgqa.copy_head): ``logits`` are log-probabilities, ``kg_attention``
     # (B_kg, N) the weight of each neighbour for each question with KG input (rows
     # ``kg_rows``), ``kg_gate`` (B_kg,) the share of the copy distribution.
+    # With the link head (kgqa.link_head): log-probabilities too, ``kg_gate`` and
+    # ``kg_relation_probs`` (B_kg, 2R) the relation the head reads in each question.
     kg_rows: torch.Tensor | None = None
     kg_attention: torch.Tensor | None = None
     kg_gate: torch.Tensor | None = None
+    kg_relation_probs: torch.Tensor | None = None
 
 
 class KGEnhancedLM(PreTrainedModel):
@@ -124,6 +128,10 @@ class KGEnhancedLM(PreTrainedModel):
             self.copy_head = KGCopyHead(
                 lm.config, hitter.config.hidden_size, hitter.config.num_entities,
                 hitter.config.num_relations, name_keys=config.copy_name_keys)
+        self.link_head: KGLinkHead | None = None
+        if config.link_head and hitter is not None:
+            self.link_head = KGLinkHead(lm.config, hitter.config.num_entities,
+                                        hitter.config.num_relations)
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()
@@ -159,7 +167,9 @@ class KGEnhancedLM(PreTrainedModel):
         else:
             raise ValueError("a batch without labels needs model.mask_token_id (the "
                              "tokenizer's [MASK] id) to find the answer positions")
-        states = self.encode_kg(topic_entity, relation, kg_entities, kg_relations, kg_mask)
+        states = None
+        if self.layer_mapping or self.copy_head is not None:  # what reads HittER's states
+            states = self.encode_kg(topic_entity, relation, kg_entities, kg_relations, kg_mask)
         if states is not None and any(
             getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()
         ):
@@ -182,9 +192,16 @@ class KGEnhancedLM(PreTrainedModel):
             )
             out.logits, out.kg_rows = copied.log_probs, states.rows
             out.kg_attention, out.kg_gate = copied.attention, copied.gate
+        links = self.predict_links(topic_entity, kg_entities, kg_relations, kg_mask)
+        if links is not None:
+            kg_rows, topics, query_rows, query_relations, scores = links
+            linked = self.link_head(logits, hidden[positions], rows, len(input_ids), kg_rows,
+                                    topics, query_rows, query_relations, scores)
+            out.logits, out.kg_rows = linked.log_probs, kg_rows
+            out.kg_gate, out.kg_relation_probs = linked.gate, linked.relation_probs
         if labels is not None:
             out.labels = labels[positions]  # (M,)
-            if out.kg_attention is not None:  # log-probabilities of the copy mixture
+            if out.kg_gate is not None:  # log-probabilities of a KG head's mixture
                 out.loss = F.nll_loss(out.logits, out.labels)
             else:
                 out.loss = F.cross_entropy(logits, out.labels)
@@ -216,6 +233,33 @@ class KGEnhancedLM(PreTrainedModel):
             )  # each (B_kg, 2+N, D_kg); (B_kg, 2+N)
         return KGStates(rows, layers, mask)
 
+    def predict_links(
+        self,
+        topic_entity: torch.Tensor | None,
+        kg_entities: torch.Tensor | None,
+        kg_relations: torch.Tensor | None,
+        kg_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """For the link head: HittER's link prediction for every relation of every topic,
+        ``(kg_rows (B_kg,), topics (B_kg,), query_rows (Q,), query_relations (Q,),
+        scores (Q, E))``, each query reading the first ``max_neighbours`` (HittER's own) of
+        the topic's neighbours; None without the head or a topic."""
+        if self.link_head is None or topic_entity is None:
+            return None
+        kg_rows = (topic_entity >= 0).nonzero().squeeze(1)  # (B_kg,)
+        if not len(kg_rows):
+            return None
+        topics = topic_entity[kg_rows]
+        query_rows, query_relations = self.link_head.queries(topics)  # (Q,), (Q,)
+        neighbours = {}
+        if kg_entities is not None and kg_relations is not None and kg_mask is not None:
+            n, at = self.hitter.config.max_neighbours, kg_rows[query_rows]
+            neighbours = dict(nbr_entities=kg_entities[at, :n], nbr_relations=kg_relations[at, :n],
+                              nbr_mask=kg_mask[at, :n])  # (Q, n) each
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_kg):
+            scores = self.hitter(topics[query_rows], query_relations, **neighbours).scores
+        return kg_rows, topics, query_rows, query_relations, scores  # scores (Q, E)
+
     def _freeze_kg(self) -> None:
         if self.hitter is not None and self.config.freeze_kg:
             self.hitter.requires_grad_(False)
@@ -236,9 +280,9 @@ class KGEnhancedLM(PreTrainedModel):
         return self
 
     def adapters(self) -> list[nn.Module]:
-        """The new modules (trained at ``lr_adapters``): cross-attention adapters, copy head."""
+        """The new modules (trained at ``lr_adapters``): cross-attention adapters, KG heads."""
         new = [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)]
-        return new + ([self.copy_head] if self.copy_head is not None else [])
+        return new + [m for m in (self.copy_head, self.link_head) if m is not None]
 
 
 # ----------------------------------------------------------------------------- building
@@ -275,14 +319,16 @@ def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
     return tokenizer(list(names), add_special_tokens=False)["input_ids"]
 
 
-def set_copy_head_names(model: KGEnhancedLM, kg: KnowledgeGraph, tokenizer: Any) -> None:
-    """Give the copy head (if any) the word pieces of the graph's entity names and, for its
-    name-aware keys, of its relation texts."""
-    if model.copy_head is None:
-        return
-    model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
-    if model.copy_head.name_keys:
-        model.copy_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
+def set_head_tables(model: KGEnhancedLM, kg: KnowledgeGraph, tokenizer: Any) -> None:
+    """Give the KG heads (if any) the word pieces of the graph's entity names; the copy head's
+    name-aware keys also those of its relation texts, the link head each entity's relations."""
+    if model.copy_head is not None:
+        model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+        if model.copy_head.name_keys:
+            model.copy_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
+    if model.link_head is not None:
+        model.link_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+        model.link_head.set_graph(kg.train)
 
 
 def build_neighbour_index(

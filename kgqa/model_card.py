@@ -26,7 +26,9 @@ def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: fl
                   "none": "no adapters"}[m.adapter]
         knowledge = (f"HittER `{m.kg_checkpoint}` ({'frozen' if m.freeze_kg else 'co-trained'},"
                      f" {m.kg_init} weights), read by {reader}"
-                     + ("; a copy head points at the topic's neighbours" if m.copy_head else ""))
+                     + ("; a copy head points at the topic's neighbours" if m.copy_head else "")
+                     + ("; a link head lets HittER's link prediction answer" if m.link_head
+                        else ""))
     result = f"dev accuracy {dev:.4f} (epoch {epoch})"
     if test is not None:
         result += (f"; test accuracy {test['accuracy']:.4f} ({test['correct']} / "

@@ -71,7 +71,7 @@ from kgqa.evaluate import (
     write_predictions,
 )
 from kgqa.lm import resolve_lm
-from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index, set_copy_head_names
+from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index, set_head_tables
 from kgqa.model_card import qa_card
 from kgqa.prepare import load_qa_splits
 from kgqa.report import PREDICTIONS_FILE, run_variant
@@ -163,7 +163,7 @@ class Trainer:
                                  f"{kg_name}; QA questions are linked to {DEFAULT_KG}")
             self.neighbours = build_neighbour_index(
                 self.model.config.kg_config, data_dir, cache_dir, kg=kg)
-        set_copy_head_names(self.model, kg, self.tokenizer)
+        set_head_tables(self.model, kg, self.tokenizer)
         if self.rank == 0:
             n_new = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
             logger.info("LM weights newly initialised (trained at lr_adapters): %d", n_new)

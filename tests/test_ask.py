@@ -14,7 +14,7 @@ from kgqa.ask import ask, link_topic, main
 from kgqa.batches import make_batch
 from kgqa.config import KGQAConfig
 from kgqa.data import QAExample
-from kgqa.model import build_model, name_pieces
+from kgqa.model import build_model, name_pieces, set_head_tables
 
 NAMES = ["paris", "france", "berlin", "germany", "rome", "italy", "europe"]
 TRAIN = ["paris\tcapital_of\tfrance", "berlin\tcapital_of\tgermany", "rome\tcapital_of\titaly",
@@ -89,3 +89,19 @@ def test_command_line(trained, capsys):
     out = capsys.readouterr().out
     assert out.startswith("answer: rome") and "topic entity: italy (italy)" in out
     assert "(rome, capital_of, italy)" in out and "(italy, part_of, europe)" in out
+
+
+def test_link_head_evidence_is_the_relations_asked(trained, minilm_path):
+    """With the link head, the evidence is the topic's relations that HittER was asked about,
+    with the question's weight on each (every relation of the topic, in either direction)."""
+    _, tokenizer, kg, index, root = trained
+    model, _ = build_model(KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"),
+                                      adapter="none", link_head=True, freeze_kg=True))
+    model.mask_token_id = tokenizer.mask_token_id
+    set_head_tables(model, kg, tokenizer)
+    got = ask(model.eval(), tokenizer, kg, index, QUESTION, kg.entity_names.index("france"),
+              max_masks=1)
+    assert {e.fact for e in got.evidence} == {"(?, capital_of, france)",
+                                              "(france, part_of, ?)"}
+    assert sum(e.weight for e in got.evidence) == pytest.approx(1.0)
+    assert got.read == "the relations HittER was asked" and got.gate == 0.0  # beta starts at 0

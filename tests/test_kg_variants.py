@@ -1,6 +1,7 @@
 """How the LM reads the graph (issue "knowledge that helps"): the gated adapter, the copy head
-(kgqa/copy_head.py), the controls (untrained HittER, shuffled topics), the KG-as-text baseline
-(kgqa/verbalise.py) and the Table-6 report (kgqa/report.py).
+(kgqa/copy_head.py), the link head (kgqa/link_head.py), the controls (untrained HittER,
+shuffled topics), the KG-as-text baseline (kgqa/verbalise.py) and the Table-6 report
+(kgqa/report.py).
 
 Tiny models as in test_kgqa_model.py: the offline MiniLM and a width-32 HittER over a random
 graph of 30 entities.
@@ -21,7 +22,8 @@ from kgqa.batches import build_cloze_dataset, make_batch
 from kgqa.config import QA_SCHEMA, KGQAConfig
 from kgqa.copy_head import KGCopyHead
 from kgqa.data import answer_is_neighbour, shuffle_topics
-from kgqa.model import KGEnhancedLM, build_model, name_pieces
+from kgqa.link_head import KGLinkHead
+from kgqa.model import KGEnhancedLM, build_model, name_pieces, set_head_tables
 from kgqa.qa_readers import QAExample
 from kgqa.report import build_report, format_markdown, row_label
 from kgqa.verbalise import fit_phrases, kg_texts, neighbour_phrases
@@ -236,6 +238,115 @@ def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer, name_ke
     column = (batch["kg_entities"][0] == answer_entity).nonzero()[0, 0]
     assert out.kg_attention[0, column] > 0.9
     assert out.logits.argmax(-1).tolist() == out.labels.tolist()
+
+
+# ---------------------------------------------------------------------- link head
+
+
+def test_link_head_boosts_the_names_hitter_predicts_over_the_topics_relations(base_lm):
+    """p_KG = sum over the topic's relations of p(r | q) softmax(HittER's scores), renormalised
+    over the C names that fit the masks; each piece's logit gains
+    beta * (log(1 + C m_KG) - log(1 + C m_uniform)); beta = 0 or no KG input: the LM exactly."""
+    head = KGLinkHead(base_lm.config, num_entities=5, num_relations=2)
+    head.set_entity_names([[10, 11], [20], [30, 31], [40, 41, 42], [10, 12]])
+    head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2]]))  # entity 0 asks (0, 0, ?), (0, 1, ?)
+    assert head.entity_relations[0].tolist() == [True, True, False, False]
+    assert head.entity_relations[2].tolist() == [False, False, False, True]  # (2, 1 + R, ?)
+    query_rows, query_relations = head.queries(torch.tensor([0]))
+    assert query_rows.tolist() == [0, 0] and query_relations.tolist() == [0, 1]
+    V, D = 50, base_lm.config.hidden_size
+    rows = torch.tensor([0, 0, 1])  # question 0 has 2 masks, question 1 (no KG input) one
+    lm_logits, states = torch.randn(3, V), torch.randn(3, D)
+    scores = torch.tensor([[3.0, 0.0, 1.0, 5.0, 0.0], [0.0, 9.0, 2.0, 0.0, 1.0]])  # (Q, E)
+    args = (lm_logits, states, rows, 2, torch.tensor([0]), torch.tensor([0]), query_rows,
+            query_relations, scores)
+    with torch.no_grad():
+        start = head(*args)  # beta = 0 at the start: the plain LM
+        torch.testing.assert_close(start.log_probs, torch.log_softmax(lm_logits, -1))
+        head.gate.bias.fill_(2.0)
+        out = head(*args)
+    assert out.gate.tolist() == [2.0]
+    p_r = out.relation_probs[0]
+    assert p_r[2:].tolist() == [0.0, 0.0] and p_r.sum().item() == pytest.approx(1.0)
+    p_kg = p_r[0] * scores[0].softmax(0) + p_r[1] * scores[1].softmax(0)
+    fits = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])  # two masks: the 2-piece names 0, 2, 4
+    p_kg = p_kg * fits / (p_kg * fits).sum()
+    boost = torch.zeros(2, V)  # (mask, piece): log(1 + 3 m_KG) - log(1 + 3 m_uniform)
+    for piece, names in ((10, [0, 4]), (30, [2])):  # first mask: entities 0 and 4 share 10
+        boost[0, piece] = (torch.log1p(3 * p_kg[names].sum()) - torch.log1p(torch.tensor(
+            len(names) * 1.0)))
+    for piece, name in ((11, 0), (31, 2), (12, 4)):
+        boost[1, piece] = torch.log1p(3 * p_kg[name]) - torch.log1p(torch.tensor(1.0))
+    torch.testing.assert_close(out.log_probs[:2], torch.log_softmax(lm_logits[:2] + 2 * boost, -1))
+    torch.testing.assert_close(out.log_probs[2], torch.log_softmax(lm_logits[2], -1))
+
+
+def test_link_head_model_asks_hitter_and_reads_no_other_neighbours(base_lm, neighbours,
+                                                                   tokenizer, kg):
+    """The model's link head reads HittER's link prediction for every relation of the topic
+    (HittER's own neighbour count), nothing else of the graph: neighbours past HittER's count
+    change nothing, another HittER changes the answer; without a topic, the plain LM."""
+    config = KGQAConfig(lm="minilm", adapter="none", link_head=True, freeze_kg=True)
+    hitter = tiny_hitter()
+    hitter.config.max_neighbours = 4
+    model = KGEnhancedLM(config, copy.deepcopy(base_lm), hitter).eval()
+    set_head_tables(model, kg, tokenizer)
+    with torch.no_grad():
+        model.link_head.gate.bias.fill_(2.0)
+        model.link_head.log_temperature.fill_(-3.0)  # a peaked p_KG: visible in the logits
+    assert model.adapters() == [model.link_head] and model.copy_head is None
+    batch = make_batch(examples([3, 5, 7, -1]), tokenizer, neighbours, max_neighbours=12)
+    with torch.no_grad():
+        out = model(**batch)
+        topics = batch["topic_entity"][:3]
+        query_rows, query_relations = model.link_head.queries(topics)
+        at = query_rows  # the first three rows have topics
+        expected = hitter(topics[query_rows], query_relations,
+                          batch["kg_entities"][at, :4], batch["kg_relations"][at, :4],
+                          batch["kg_mask"][at, :4]).scores
+        mask_rows = (batch["labels"] != -100).nonzero()[:, 0]
+        manual = model.link_head(
+            stock_logits(model.lm, batch), model.lm.bert(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                token_type_ids=batch.get("token_type_ids")).last_hidden_state[
+                batch["labels"] != -100], mask_rows, 4, torch.arange(3), topics, query_rows,
+            query_relations, expected)
+        torch.testing.assert_close(out.logits, manual.log_probs)
+        assert out.kg_rows.tolist() == [0, 1, 2] and out.kg_gate.tolist() == [2.0] * 3
+        last = mask_rows == 3  # no topic: exactly the LM
+        torch.testing.assert_close(out.logits[last],
+                                   torch.log_softmax(stock_logits(base_lm, batch)[last], -1))
+        far = dict(batch, kg_entities=batch["kg_entities"].clone())
+        far["kg_entities"][:, 4:] = 0  # past HittER's 4 neighbours
+        torch.testing.assert_close(model(**far).logits, out.logits, rtol=0, atol=0)
+        model.hitter.load_state_dict(tiny_hitter(seed=1).state_dict())
+        assert not torch.allclose(model(**batch).logits[~last], out.logits[~last])
+
+
+def test_link_head_learns_which_relation_the_question_asks(base_lm):
+    """Training moves p(r | q) to the relation whose HittER prediction is the answer."""
+    torch.manual_seed(0)
+    head = KGLinkHead(base_lm.config, num_entities=4, num_relations=2)
+    head.set_entity_names([[10], [20], [30], [40]])
+    head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2]]))
+    query_rows, query_relations = head.queries(torch.tensor([0]))
+    scores = torch.tensor([[0.0, 6.0, 0.0, 0.0], [0.0, 0.0, 6.0, 0.0]])  # r0 -> 1, r1 -> 2
+    states, labels = torch.randn(1, base_lm.config.hidden_size), torch.tensor([30])
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(40):
+        out = head(torch.zeros(1, 50), states, torch.tensor([0]), 1, torch.tensor([0]),
+                   torch.tensor([0]), query_rows, query_relations, scores)
+        loss = torch.nn.functional.nll_loss(out.log_probs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert out.relation_probs[0, 1] > 0.9 and out.gate[0] > 0.5
+    assert out.log_probs.argmax(-1).tolist() == [30]  # the LM alone: all pieces equal
+
+
+def test_copy_and_link_heads_exclude_each_other():
+    with pytest.raises(ValueError, match="set one"):
+        load_sections(QA_SCHEMA, None, ["model.copy_head=true", "model.link_head=true"])
 
 
 # ---------------------------------------------------------------------- controls

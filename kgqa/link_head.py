@@ -1,0 +1,124 @@
+"""A KG link-prediction head: HittER itself answers the question (not in the paper).
+
+The copy head (:mod:`kgqa.copy_head`) points at the topic's neighbours, so whatever reads the
+neighbour list gains, a randomly initialised HittER too (issue "knowledge that helps": its
+untrained control keeps most of the gain). This head gets no neighbour list: its answer comes
+from HittER's link prediction alone, so it is only as good as HittER's knowledge.
+
+* The question asks for the object of an unknown relation of its topic t (the released data
+  gives none). A linear map of the question vector q (the mean LM state at its [MASK]
+  positions) scores every relation id in [0, 2R) (r >= R: the reciprocal, "(?, r - R, t)"), and
+  a softmax over the relations t has in the train graph (either direction; at most 58 in
+  FB15K-237) gives ``p(r | q, t)``. The topic's relations say nothing of its neighbours.
+* HittER scores every entity for each query (t, r, ?) as in link prediction (with its own
+  number of context neighbours, the batch's first ``max_neighbours`` of the topic), and
+  ``p_KG(e) = sum_r p(r | q, t) softmax_e(s(t, r, e) / T)`` with a learned temperature T.
+* Only entities whose name has as many word pieces as the question has [MASK] tokens are
+  candidates (as for the copy head); ``p_KG`` is renormalised over the C of them and put on
+  their names' word pieces (:meth:`kgqa.copy_head.NameCopier.on_names`): ``m_KG(v)`` at each
+  mask, and ``m_U(v)`` for the uniform distribution over the same candidates.
+* HittER's opinion enters as a product of experts, not as a mixture:
+  ``logits = LM logits + beta * (log(1 + C m_KG(v)) - log(1 + C m_U(v)))``, a boost for the
+  word pieces HittER finds likelier than chance and nothing for the others (a piece that no
+  candidate's name holds gets 0), with ``beta = w . q + b`` per question, zero at the start:
+  the model starts as exactly the plain LM. (A first version mixed the two softmaxes,
+  ``(1 - lam) p_LM + lam p_KG`` as the copy head does: HittER's confident wrong answers then
+  won the argmax, WebQSP filtered dev 0.26 at epoch 13 against the LM's 0.50. A weak link
+  predictor is useful as a prior that reorders the LM's own candidates.)
+
+With HittER frozen only the relation map, the temperature and beta learn from the questions;
+with an untrained HittER ``p_KG`` is near uniform over the candidates, the boost near zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import BertConfig
+
+from kgqa.copy_head import NameCopier, mask_queries
+
+
+class LinkOutput(NamedTuple):
+    log_probs: torch.Tensor  # (M, V) log p at the M mask positions
+    relation_probs: torch.Tensor  # (B_kg, 2R) p(r | q, t) for each question with KG input
+    gate: torch.Tensor  # (B_kg,) beta, the weight of HittER's opinion
+
+
+class KGLinkHead(NameCopier):
+    """Reads the question's relation, lets HittER predict the object, copies its name."""
+
+    def __init__(self, lm_config: BertConfig, num_entities: int, num_relations: int) -> None:
+        super().__init__(num_entities)
+        d = lm_config.hidden_size
+        self.relation = nn.Linear(d, 2 * num_relations)  # which relation the question asks
+        nn.init.normal_(self.relation.weight, std=lm_config.initializer_range)
+        nn.init.zeros_(self.relation.bias)
+        self.gate = nn.Linear(d, 1)  # beta: zero at the start, the plain LM exactly
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.log_temperature = nn.Parameter(torch.zeros(1))  # (1,): DeepSpeed broadcasts no 0-d
+        # (E, 2R) True where entity e has relation r (r >= R: incoming edges) in the train graph.
+        self.register_buffer("entity_relations",
+                             torch.zeros(num_entities, 2 * num_relations, dtype=torch.bool))
+
+    def set_graph(self, train: torch.Tensor) -> None:
+        """The relations each entity has, from the (T, 3) train triples (head, relation, tail):
+        (h, r, t) lets h ask (h, r, ?) and t ask (t, r + R, ?)."""
+        R = self.entity_relations.shape[1] // 2
+        table = torch.zeros_like(self.entity_relations)
+        table[train[:, 0], train[:, 1]] = True
+        table[train[:, 2], train[:, 1] + R] = True
+        self.entity_relations.copy_(table)
+
+    def queries(self, topics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The link-prediction queries of topics (B_kg,): (Q,) the row and (Q,) the relation of
+        each (t, r, ?) with r one of the topic's relations."""
+        rows, relations = self.entity_relations[topics].nonzero(as_tuple=True)
+        return rows, relations
+
+    def forward(
+        self,
+        lm_logits: torch.Tensor,
+        mask_states: torch.Tensor,
+        rows: torch.Tensor,
+        batch_size: int,
+        kg_rows: torch.Tensor,
+        topics: torch.Tensor,
+        query_rows: torch.Tensor,
+        query_relations: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> LinkOutput:
+        """lm_logits (M, V) and mask_states (M, D) at the M [MASK] positions in row-major order,
+        rows (M,) their batch row; kg_rows (B_kg,) the rows with KG input and topics (B_kg,)
+        their topic entities; query_rows, query_relations (Q,) from :meth:`queries` and
+        scores (Q, E) HittER's scores of every entity for each query."""
+        q, counts, slot = mask_queries(mask_states, rows, batch_size)  # (B, D), (B,), (M,)
+        q = q[kg_rows]  # (B_kg, D)
+        asked = self.entity_relations[topics]  # (B_kg, 2R) the topic's relations
+        relation_logits = self.relation(q).float().masked_fill(~asked, float("-inf"))
+        has_relation = asked.any(1)  # (B_kg,)
+        relation_logits = relation_logits.masked_fill(~has_relation[:, None], 0.0)  # no NaN
+        relation_probs = torch.softmax(relation_logits, dim=1) * asked  # (B_kg, 2R)
+
+        predicted = torch.softmax(scores.float() / self.log_temperature.exp(), dim=1)  # (Q, E)
+        weight = relation_probs[query_rows, query_relations]  # (Q,)
+        p_kg = predicted.new_zeros(len(kg_rows), scores.shape[1]).index_add(
+            0, query_rows, weight[:, None] * predicted)  # (B_kg, E)
+        fits = self.name_length[None, :] == counts[kg_rows][:, None]  # (B_kg, E)
+        fits = fits & has_relation[:, None]  # a topic without relations: no opinion
+        p_kg = p_kg * fits
+        p_kg = p_kg / p_kg.sum(1).clamp_min(1e-30)[:, None]  # 0 for a row without candidates
+        C = fits.sum(1)  # (B_kg,) candidates
+        uniform = fits / C.clamp(min=1)[:, None]  # (B_kg, E)
+        E, V = scores.shape[1], lm_logits.shape[1]
+        entities = torch.arange(E, device=scores.device).expand_as(p_kg)
+        with_kg, i, m_kg = self.on_names(rows, slot, batch_size, kg_rows, entities, p_kg, V)
+        _, _, m_u = self.on_names(rows, slot, batch_size, kg_rows, entities, uniform, V)
+        c = C[i].to(m_kg.dtype)[:, None]  # (M_kg, 1)
+        boost = torch.log1p(c * m_kg) - torch.log1p(c * m_u)  # (M_kg, V)
+        beta = self.gate(q).squeeze(1).float()  # (B_kg,)
+        logits = lm_logits.float().index_add(0, with_kg, beta[i][:, None] * boost)  # (M, V)
+        return LinkOutput(torch.log_softmax(logits, dim=-1), relation_probs, beta)
