@@ -64,11 +64,17 @@ class NameCopier(nn.Module):
     puts a distribution over entities on their names' word pieces and mixes it with the LM's
     softmax, ``p = (1 - lam) p_LM + lam p_copy``."""
 
-    def __init__(self, num_entities: int) -> None:
+    def __init__(self, num_entities: int, num_relations: int = 0) -> None:
         super().__init__()
         # (E, P) word pieces of each entity's name and (E,) their number (0 = never copied).
         self.register_buffer("name_pieces", torch.zeros(num_entities, MAX_NAME_PIECES).long())
         self.register_buffer("name_length", torch.zeros(num_entities, dtype=torch.long))
+        if num_relations:  # heads that read relation texts
+            # (R, P) word pieces of each relation's text (its last P), (R,) their number.
+            self.register_buffer("relation_pieces",
+                                 torch.zeros(num_relations, MAX_NAME_PIECES).long())
+            self.register_buffer("relation_length",
+                                 torch.zeros(num_relations, dtype=torch.long))
 
     def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
         """``pieces[e]``: the word pieces of entity e's name (as the cloze answers are made)."""
@@ -78,6 +84,14 @@ class NameCopier(nn.Module):
         whole = length == torch.tensor([len(p) for p in pieces])  # longer names: cut to P
         self.name_pieces.copy_(table)
         self.name_length.copy_(torch.where(whole, length, 0))  # a cut name is never copied
+
+    def set_relation_names(self, pieces: Sequence[Sequence[int]]) -> None:
+        """``pieces[r]``: the word pieces of relation r's text (heads that read them)."""
+        if len(pieces) != len(self.relation_length):
+            raise ValueError(f"{len(pieces)} texts for {len(self.relation_length)} relations")
+        table, length = _piece_table(pieces, keep="last")
+        self.relation_pieces.copy_(table)
+        self.relation_length.copy_(length)
 
     def on_names(self, rows: torch.Tensor, slot: torch.Tensor, batch_size: int,
                  kg_rows: torch.Tensor, entities: torch.Tensor, weights: torch.Tensor,
@@ -115,7 +129,7 @@ class KGCopyHead(NameCopier):
 
     def __init__(self, lm_config: BertConfig, kg_dim: int, num_entities: int,
                  num_relations: int = 0, name_keys: bool = False) -> None:
-        super().__init__(num_entities)
+        super().__init__(num_entities, num_relations if name_keys else 0)
         d = lm_config.hidden_size
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(kg_dim, d)
@@ -134,24 +148,11 @@ class KGCopyHead(NameCopier):
         # name_key_length: the first <= P pieces of each name that the keys read (longer too).
         if name_keys:
             self.register_buffer("name_key_length", torch.zeros(num_entities, dtype=torch.long))
-            # (R, P) word pieces of each relation's text (its last P), (R,) their number.
-            self.register_buffer("relation_pieces",
-                                 torch.zeros(num_relations, MAX_NAME_PIECES).long())
-            self.register_buffer("relation_length",
-                                 torch.zeros(num_relations, dtype=torch.long))
 
     def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
         super().set_entity_names(pieces)
         if self.name_keys:
             self.name_key_length.copy_(_piece_table(pieces, keep="first")[1])
-
-    def set_relation_names(self, pieces: Sequence[Sequence[int]]) -> None:
-        """``pieces[r]``: the word pieces of relation r's text (``name_keys`` only)."""
-        if len(pieces) != len(self.relation_length):
-            raise ValueError(f"{len(pieces)} texts for {len(self.relation_length)} relations")
-        table, length = _piece_table(pieces, keep="last")
-        self.relation_pieces.copy_(table)
-        self.relation_length.copy_(length)
 
     def _text_keys(self, word_embeddings: nn.Embedding, kg_entities: torch.Tensor,
                    kg_relations: torch.Tensor) -> torch.Tensor:
@@ -159,18 +160,10 @@ class KGCopyHead(NameCopier):
         distinct entity's name and every relation's text are embedded and projected once and
         then gathered (a batch holds ~4,000 neighbour tokens, the graph 237 relations)."""
         R = len(self.relation_length)
-
-        def mean_embedding(pieces: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-            keep = torch.arange(MAX_NAME_PIECES, device=pieces.device) < length[..., None]
-            weights = keep / length.clamp(min=1)[..., None]  # (n, P): 1/length, 0 = padding
-            table = word_embeddings.weight
-            return F.embedding_bag(pieces, table, mode="sum",
-                                   per_sample_weights=weights.to(table.dtype))  # (n, D)
-
         entities, inverse = torch.unique(kg_entities, return_inverse=True)  # (U,), (B_kg, N)
-        names = self.name_key(mean_embedding(self.name_pieces[entities],
+        names = self.name_key(mean_embedding(word_embeddings, self.name_pieces[entities],
                                              self.name_key_length[entities]))  # (U, D)
-        texts = self.relation_key(mean_embedding(self.relation_pieces,
+        texts = self.relation_key(mean_embedding(word_embeddings, self.relation_pieces,
                                                  self.relation_length))  # (R, D)
         # ids >= R are the reciprocal relations: the same text, the other direction.
         return (names[inverse] + texts[kg_relations % R]
@@ -216,6 +209,16 @@ class KGCopyHead(NameCopier):
         log_probs = self.mix(lm_logits, rows, slot, batch_size, kg_rows, kg_entities, attention,
                              gate)
         return CopyOutput(log_probs, attention, gate)
+
+
+def mean_embedding(word_embeddings: nn.Embedding, pieces: torch.Tensor,
+                   length: torch.Tensor) -> torch.Tensor:
+    """(n, D): the mean word embedding of each of n texts given as (n, P) word pieces, the
+    first (n,) ``length`` of each real (an empty text: zeros)."""
+    keep = torch.arange(pieces.shape[1], device=pieces.device) < length[..., None]
+    weights = keep / length.clamp(min=1)[..., None]  # (n, P): 1/length, 0 = padding
+    table = word_embeddings.weight
+    return F.embedding_bag(pieces, table, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 def _piece_table(pieces: Sequence[Sequence[int]], keep: str) -> tuple[torch.Tensor, torch.Tensor]:

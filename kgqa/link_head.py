@@ -6,10 +6,14 @@ untrained control keeps most of the gain). This head gets no neighbour list: its
 from HittER's link prediction alone, so it is only as good as HittER's knowledge.
 
 * The question asks for the object of an unknown relation of its topic t (the released data
-  gives none). A linear map of the question vector q (the mean LM state at its [MASK]
-  positions) scores every relation id in [0, 2R) (r >= R: the reciprocal, "(?, r - R, t)"), and
-  a softmax over the relations t has in the train graph (either direction; at most 58 in
-  FB15K-237) gives ``p(r | q, t)``. The topic's relations say nothing of its neighbours.
+  gives none). Each relation id in [0, 2R) (r >= R: the reciprocal, "(?, r - R, t)") is scored
+  from the question vector q (the mean LM state at its [MASK] positions): a linear map of q
+  plus the match of q with a key read from the relation's text through the LM's word
+  embeddings (mean over its word pieces, projected, plus the direction; as the copy head's
+  name keys), so that "where was ... born" can find "place of birth" although no training
+  question asked it. A softmax over the relations t has in the train graph (either direction;
+  at most 58 in FB15K-237) gives ``p(r | q, t)``. The topic's relations say nothing of its
+  neighbours.
 * HittER scores every entity for each query (t, r, ?) as in link prediction (with its own
   number of context neighbours, the batch's first ``max_neighbours`` of the topic), and
   ``p_KG(e) = sum_r p(r | q, t) softmax_e(s(t, r, e) / T)`` with a learned temperature T.
@@ -32,13 +36,14 @@ with an untrained HittER ``p_KG`` is near uniform over the candidates, the boost
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import BertConfig
 
-from kgqa.copy_head import NameCopier, mask_queries
+from kgqa.copy_head import NameCopier, mask_queries, mean_embedding
 
 
 class LinkOutput(NamedTuple):
@@ -51,11 +56,16 @@ class KGLinkHead(NameCopier):
     """Reads the question's relation, lets HittER predict the object, copies its name."""
 
     def __init__(self, lm_config: BertConfig, num_entities: int, num_relations: int) -> None:
-        super().__init__(num_entities)
+        super().__init__(num_entities, num_relations)
         d = lm_config.hidden_size
         self.relation = nn.Linear(d, 2 * num_relations)  # which relation the question asks
-        nn.init.normal_(self.relation.weight, std=lm_config.initializer_range)
-        nn.init.zeros_(self.relation.bias)
+        self.query = nn.Linear(d, d)  # ... and its match with the relation texts
+        self.relation_key = nn.Linear(d, d)
+        self.direction = nn.Embedding(2, d)  # (t, r, ?) or its reciprocal (?, r, t)
+        nn.init.normal_(self.direction.weight, std=lm_config.initializer_range)
+        for linear in (self.relation, self.query, self.relation_key):
+            nn.init.normal_(linear.weight, std=lm_config.initializer_range)
+            nn.init.zeros_(linear.bias)
         self.gate = nn.Linear(d, 1)  # beta: zero at the start, the plain LM exactly
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
@@ -90,15 +100,23 @@ class KGLinkHead(NameCopier):
         query_rows: torch.Tensor,
         query_relations: torch.Tensor,
         scores: torch.Tensor,
+        word_embeddings: nn.Embedding,
     ) -> LinkOutput:
         """lm_logits (M, V) and mask_states (M, D) at the M [MASK] positions in row-major order,
         rows (M,) their batch row; kg_rows (B_kg,) the rows with KG input and topics (B_kg,)
         their topic entities; query_rows, query_relations (Q,) from :meth:`queries` and
-        scores (Q, E) HittER's scores of every entity for each query."""
+        scores (Q, E) HittER's scores of every entity for each query; the LM's word embeddings
+        (for the relation texts)."""
         q, counts, slot = mask_queries(mask_states, rows, batch_size)  # (B, D), (B,), (M,)
         q = q[kg_rows]  # (B_kg, D)
         asked = self.entity_relations[topics]  # (B_kg, 2R) the topic's relations
-        relation_logits = self.relation(q).float().masked_fill(~asked, float("-inf"))
+        R = len(self.relation_length)
+        texts = self.relation_key(mean_embedding(word_embeddings, self.relation_pieces,
+                                                 self.relation_length))  # (R, D)
+        ids = torch.arange(2 * R, device=q.device)
+        keys = texts[ids % R] + self.direction((ids >= R).long())  # (2R, D)
+        relation_logits = self.relation(q) + self.query(q) @ keys.T / math.sqrt(q.shape[1])
+        relation_logits = relation_logits.float().masked_fill(~asked, float("-inf"))
         has_relation = asked.any(1)  # (B_kg,)
         relation_logits = relation_logits.masked_fill(~has_relation[:, None], 0.0)  # no NaN
         relation_probs = torch.softmax(relation_logits, dim=1) * asked  # (B_kg, 2R)

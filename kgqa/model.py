@@ -196,7 +196,8 @@ class KGEnhancedLM(PreTrainedModel):
         if links is not None:
             kg_rows, topics, query_rows, query_relations, scores = links
             linked = self.link_head(logits, hidden[positions], rows, len(input_ids), kg_rows,
-                                    topics, query_rows, query_relations, scores)
+                                    topics, query_rows, query_relations, scores,
+                                    self.lm.bert.embeddings.word_embeddings)
             out.logits, out.kg_rows = linked.log_probs, kg_rows
             out.kg_gate, out.kg_relation_probs = linked.gate, linked.relation_probs
         if labels is not None:
@@ -320,14 +321,16 @@ def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
 
 
 def set_head_tables(model: KGEnhancedLM, kg: KnowledgeGraph, tokenizer: Any) -> None:
-    """Give the KG heads (if any) the word pieces of the graph's entity names; the copy head's
-    name-aware keys also those of its relation texts, the link head each entity's relations."""
+    """Give the KG heads (if any) the word pieces of the graph's entity names and, for the copy
+    head's name-aware keys and the link head, of its relation texts; the link head also each
+    entity's relations."""
     if model.copy_head is not None:
         model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
         if model.copy_head.name_keys:
             model.copy_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
     if model.link_head is not None:
         model.link_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+        model.link_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
         model.link_head.set_graph(kg.train)
 
 

@@ -249,6 +249,7 @@ def test_link_head_boosts_the_names_hitter_predicts_over_the_topics_relations(ba
     beta * (log(1 + C m_KG) - log(1 + C m_uniform)); beta = 0 or no KG input: the LM exactly."""
     head = KGLinkHead(base_lm.config, num_entities=5, num_relations=2)
     head.set_entity_names([[10, 11], [20], [30, 31], [40, 41, 42], [10, 12]])
+    head.set_relation_names([[2000, 2001], [2002]])
     head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2]]))  # entity 0 asks (0, 0, ?), (0, 1, ?)
     assert head.entity_relations[0].tolist() == [True, True, False, False]
     assert head.entity_relations[2].tolist() == [False, False, False, True]  # (2, 1 + R, ?)
@@ -259,7 +260,7 @@ def test_link_head_boosts_the_names_hitter_predicts_over_the_topics_relations(ba
     lm_logits, states = torch.randn(3, V), torch.randn(3, D)
     scores = torch.tensor([[3.0, 0.0, 1.0, 5.0, 0.0], [0.0, 9.0, 2.0, 0.0, 1.0]])  # (Q, E)
     args = (lm_logits, states, rows, 2, torch.tensor([0]), torch.tensor([0]), query_rows,
-            query_relations, scores)
+            query_relations, scores, base_lm.bert.embeddings.word_embeddings)
     with torch.no_grad():
         start = head(*args)  # beta = 0 at the start: the plain LM
         torch.testing.assert_close(start.log_probs, torch.log_softmax(lm_logits, -1))
@@ -310,7 +311,7 @@ def test_link_head_model_asks_hitter_and_reads_no_other_neighbours(base_lm, neig
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 token_type_ids=batch.get("token_type_ids")).last_hidden_state[
                 batch["labels"] != -100], mask_rows, 4, torch.arange(3), topics, query_rows,
-            query_relations, expected)
+            query_relations, expected, model.lm.bert.embeddings.word_embeddings)
         torch.testing.assert_close(out.logits, manual.log_probs)
         assert out.kg_rows.tolist() == [0, 1, 2] and out.kg_gate.tolist() == [2.0] * 3
         last = mask_rows == 3  # no topic: exactly the LM
@@ -328,6 +329,7 @@ def test_link_head_learns_which_relation_the_question_asks(base_lm):
     torch.manual_seed(0)
     head = KGLinkHead(base_lm.config, num_entities=4, num_relations=2)
     head.set_entity_names([[10], [20], [30], [40]])
+    head.set_relation_names([[2000, 2001], [2002]])
     head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2]]))
     query_rows, query_relations = head.queries(torch.tensor([0]))
     scores = torch.tensor([[0.0, 6.0, 0.0, 0.0], [0.0, 0.0, 6.0, 0.0]])  # r0 -> 1, r1 -> 2
@@ -335,13 +337,38 @@ def test_link_head_learns_which_relation_the_question_asks(base_lm):
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
     for _ in range(40):
         out = head(torch.zeros(1, 50), states, torch.tensor([0]), 1, torch.tensor([0]),
-                   torch.tensor([0]), query_rows, query_relations, scores)
+                   torch.tensor([0]), query_rows, query_relations, scores,
+                   base_lm.bert.embeddings.word_embeddings)
         loss = torch.nn.functional.nll_loss(out.log_probs, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert out.relation_probs[0, 1] > 0.9 and out.gate[0] > 0.5
     assert out.log_probs.argmax(-1).tolist() == [30]  # the LM alone: all pieces equal
+
+
+def test_link_head_reads_the_relation_texts(base_lm, tokenizer):
+    """p(r | q) depends on each relation's text (through the LM's word embeddings) and on its
+    direction, not only on its id."""
+    torch.manual_seed(0)
+    head = KGLinkHead(base_lm.config, num_entities=3, num_relations=R)
+    head.set_entity_names([[7], [8], [9]])
+    head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2], [2, 1, 0]]))  # 0 asks r0, r1, r1 + R
+    with torch.no_grad():
+        head.relation.weight.zero_()  # no per-id preference: only texts and directions
+        head.gate.bias.fill_(1.0)
+    query_rows, query_relations = head.queries(torch.tensor([0]))
+    args = (torch.zeros(1, 50), torch.randn(1, base_lm.config.hidden_size), torch.tensor([0]),
+            1, torch.tensor([0]), torch.tensor([0]), query_rows, query_relations,
+            torch.zeros(len(query_rows), 3), base_lm.bert.embeddings.word_embeddings)
+    with torch.no_grad():
+        before = head(*args).relation_probs[0]
+        assert before[0] != before[1] and before[1] != before[R + 1]  # text; direction
+        head.set_relation_names(name_pieces(["book written work author"] + RELATION_TEXTS[1:],
+                                            tokenizer))
+        after = head(*args).relation_probs[0]
+    assert after[0] != before[0]
 
 
 def test_copy_and_link_heads_exclude_each_other():
