@@ -22,6 +22,7 @@ data layout (world size, batch size, steps per epoch) that a mid-epoch resume ne
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -68,11 +69,36 @@ RUN_FILES = (RUN_CONFIG_NAME, "ds_config.json", "metrics.jsonl", "tensorboard", 
              "last.old", "best", "best.old", "test_metrics.json", "test_metrics.txt")
 
 
+_RUN_LOCKS: dict[Path, int] = {}  # the run directories this process writes: their lock files
+
+
+def lock_run_dir(output_dir: str | os.PathLike) -> None:
+    """Claim ``output_dir`` (created if missing) for this process: an exclusive ``flock`` on
+    its ``.run.lock``, held until the process ends, by a crash too. A second run started on
+    the same directory then stops with an error instead of writing over the first's
+    checkpoints and log. A process may claim a directory more than once."""
+    output_dir = Path(output_dir).resolve()
+    if output_dir in _RUN_LOCKS:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"{output_dir}: another run is writing to this directory (it holds "
+                           f"{output_dir / '.run.lock'}); wait for it to end or choose another "
+                           f"output directory") from None
+    _RUN_LOCKS[output_dir] = fd
+
+
 def clean_run_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> list[str]:
-    """Remove the temporary directories a crash left while a checkpoint was written
-    (``.last.tmp-*``, ``.best.tmp-*``) and, with ``overwrite``, what a run wrote to
-    ``output_dir`` (``--overwrite``); returns the names of the run's files removed."""
+    """Claim ``output_dir`` (:func:`lock_run_dir`), then remove the temporary directories a
+    crash left while a checkpoint was written (``.last.tmp-*``, ``.best.tmp-*``) and, with
+    ``overwrite``, what a run wrote to ``output_dir`` (``--overwrite``); returns the names of
+    the run's files removed."""
     output_dir = Path(output_dir)
+    lock_run_dir(output_dir)
     for stale in (*output_dir.glob(".last.tmp-*"), *output_dir.glob(".best.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
     removed = []

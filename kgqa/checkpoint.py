@@ -32,7 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hitter_core.checkpoint import clean_run_dir, existing_checkpoint, replace_dir
+from hitter_core.checkpoint import (
+    clean_run_dir,
+    existing_checkpoint,
+    lock_run_dir,
+    replace_dir,
+)
 from hitter_core.config import RUN_CONFIG_NAME, check_same_config, save_sections
 from hitter_core.faults import crash_point
 
@@ -63,7 +68,10 @@ def prepare_output_dir(
     its ``run_config.yaml``. A directory holding another run is refused unless ``resume``
     (whose saved ``run_config.yaml`` must equal ``configs``: a changed setting is an error
     naming it, :func:`hitter_core.config.check_same_config`; the saved file is kept) or
-    ``overwrite`` (the old run's files are removed first). Call on process 0 only."""
+    ``overwrite`` (the old run's files are removed first); a directory another process is
+    writing to is refused (:func:`hitter_core.checkpoint.lock_run_dir`). Call on process 0
+    only."""
+    lock_run_dir(output_dir)
     held = [name for name in RUN_FILES if (output_dir / name).exists()]
     if held and overwrite:
         for name in held:

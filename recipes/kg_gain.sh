@@ -102,7 +102,7 @@ run_one() {  # "dir|overrides": one kgqa.train run, its log beside it
   echo "== $dir ($(date +%H:%M:%S))"
   # shellcheck disable=SC2086
   "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu --output-dir "$dir" --resume $sets \
-    >"$dir/train.log" 2>&1 || { echo "FAILED: $dir (see $dir/train.log)" >&2; return 1; }
+    >>"$dir/train.log" 2>&1 || { echo "FAILED: $dir (see $dir/train.log)" >&2; return 1; }
   grep -h "test accuracy" "$dir/train.log" | sed "s|^|   $dir: |"
 }
 export -f run_one

@@ -3,6 +3,8 @@
 test_qa_data.py, damaged training checkpoints in test_train.py."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -68,7 +70,25 @@ def test_temporaries_a_crash_left_are_removed(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"x")
     assert clean_run_dir(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "best", "last"]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
+    """Two runs on one output directory (a recipe started twice) would write over each other's
+    checkpoints and log: the second stops with a one-line error while the first lives, and
+    the directory is free again once the first process is gone (killed, here)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hitter_core.checkpoint import "
+         "lock_run_dir; lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="another run is writing to this directory"):
+            clean_run_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert clean_run_dir(tmp_path) == []  # released by the kill
 
 
 @pytest.mark.parametrize("override, line", [
