@@ -60,9 +60,10 @@ def mask_queries(mask_states: torch.Tensor, rows: torch.Tensor, batch_size: int
 
 
 class NameCopier(nn.Module):
-    """What the KG heads share: the word pieces of every entity's name and the mixture that
-    puts a distribution over entities on their names' word pieces and mixes it with the LM's
-    softmax, ``p = (1 - lam) p_LM + lam p_copy``."""
+    """What the KG heads share: the word pieces of every entity's name (and, for heads that
+    read them, of every relation's text), :meth:`on_names`, which puts weights over entities on
+    their names' word pieces, and :meth:`mix`, the copy head's ``p = (1 - lam) p_LM + lam
+    p_copy`` (the link head combines with the LM its own way, :mod:`kgqa.link_head`)."""
 
     def __init__(self, num_entities: int, num_relations: int = 0) -> None:
         super().__init__()
