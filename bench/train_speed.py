@@ -21,14 +21,18 @@ glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
         [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE]
-        [--no-keep-freed-memory] [model.hidden_size=128 train.lr=0.02 ...]
+        [--sdpa-backend default|no-cudnn|flash|efficient|math] [--no-keep-freed-memory]
+        [model.hidden_size=128 train.lr=0.02 ...]
 
 ``--bf16`` runs the step under bf16 autocast, as the DeepSpeed engine does on a GPU
 (``torch_autocast``; fp32 weights, gradients and optimizer state); ``--compile`` compiles each
 Transformer layer with ``torch.compile(dynamic=True)`` (the packed token count changes every
 step); ``--profile`` prints the top ops of one extra step (torch.profiler); ``--json`` writes
-the figures (bench/gpu/suite.sh collects them). The default warm-up is 2 steps on CPU and 10 on
-CUDA (kernel selection, the caching allocator, compilation).
+the figures (bench/gpu/suite.sh collects them); ``--sdpa-backend`` restricts the backends
+``scaled_dot_product_attention`` may pick in the training steps
+(``torch.nn.attention.sdpa_kernel``; ``no-cudnn``: all but cuDNN's, which plans anew for each
+new packed shape). The default warm-up is 2 steps on CPU and 10 on CUDA (kernel selection, the
+caching allocator, compilation).
 
 The evaluation batch is the preset's ``train.eval_batch_size`` (override it as any setting).
 
@@ -40,6 +44,7 @@ under load); on an idle machine the default is as fast or slightly faster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -49,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hitter_core.batches import compute_loss, make_batch
 from hitter_core.cli import add_config_arguments, run_cli
@@ -61,14 +67,27 @@ from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_
 from hitter_core.ranking import FilterIndex
 
+SDPA_BACKENDS = {  # --sdpa-backend: the backends scaled_dot_product_attention may pick
+    "no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
+
+
+def sdpa_backends(name: str) -> contextlib.AbstractContextManager:
+    """A context in which SDPA picks only among the backends ``name`` allows ("default": any)."""
+    return contextlib.nullcontext() if name == "default" else sdpa_kernel(SDPA_BACKENDS[name])
+
 
 def make_train_step(
     model: HittER, index: NeighbourIndex, train: torch.Tensor, train_cfg: TrainConfig,
-    batch_size: int, bf16: bool = False,
+    batch_size: int, bf16: bool = False, sdpa_backend: str = "default",
 ) -> Callable[[], float]:
     """A closure running one training step on B random train triples; returns the loss.
     The trainer's own pieces (batch, loss, optimizer, clipping), without DeepSpeed; with
-    ``bf16`` the forward runs under bf16 autocast."""
+    ``bf16`` the forward runs under bf16 autocast, and SDPA uses the backends ``sdpa_backend``
+    allows (:data:`SDPA_BACKENDS`)."""
     optimizer = build_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     device_type = train.device.type
@@ -76,10 +95,11 @@ def make_train_step(
     def step() -> float:
         rows = torch.randint(len(train), (batch_size,), device=train.device)
         batch = make_batch(train[rows], index, model.config)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = compute_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with sdpa_backends(sdpa_backend):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = compute_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         clip_grad_per_tensor_(params, train_cfg.max_grad_norm)
         optimizer.step()
         return loss.item()
@@ -142,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch.compile(dynamic=True) each Transformer layer")
     parser.add_argument("--profile", action="store_true",
                         help="print the top ops of one more step (torch.profiler)")
+    parser.add_argument("--sdpa-backend", default="default",
+                        choices=["default", *SDPA_BACKENDS],
+                        help="the backends SDPA may use in training (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--eval-queries", type=int, default=2048,
                         help="valid queries to time, extrapolated to test; 0: the whole test")
@@ -179,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rate = matmul_rate(device)
     print(f"reference matmul (float32, 11008x320 @ 320x1280): {rate:,.0f} GFLOP/s")
-    step = make_train_step(model, index, kg.train.to(device), train_cfg, batch_size, args.bf16)
+    step = make_train_step(model, index, kg.train.to(device), train_cfg, batch_size, args.bf16,
+                           args.sdpa_backend)
     warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
     t = time.perf_counter()
     for _ in range(warmup):
@@ -199,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     epoch_s = mean * math.ceil(len(kg.train) / batch_size)
     print(f"throughput: {batch_size / mean:,.1f} triples/s (mean), "
           f"{batch_size / best:,.1f} triples/s (best step); {epoch_s:,.1f} s per epoch "
-          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}; "
+          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}, SDPA "
+          f"{args.sdpa_backend}; "
           f"warm-up {warmup} steps {warmup_s:.1f} s)")
     if args.profile:
         print_profile(step, device)
@@ -226,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         figures = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "preset": args.preset, "batch_size": batch_size, "bf16": args.bf16,
-            "compile": args.compile, "matmul_gflops": rate, "step_s_mean": mean,
-            "step_s_best": best, "triples_per_s": batch_size / mean, "epoch_s": epoch_s,
+            "compile": args.compile, "sdpa_backend": args.sdpa_backend, "matmul_gflops": rate,
+            "step_s_mean": mean, "step_s_best": best, "triples_per_s": batch_size / mean,
+            "epoch_s": epoch_s,
             "warmup_steps": warmup, "warmup_s": warmup_s, "eval_queries_per_s": len(src) / eval_s,
             "test_eval_s": eval_s * test_queries / len(src), "test_eval_how": how,
             "peak_memory": peak_memory(device),

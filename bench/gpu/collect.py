@@ -3,9 +3,9 @@
     python bench/gpu/collect.py WORK_DIR --out DIR [--dry-run 0|1]
 
 WORK_DIR holds steps.tsv (name, rc, seconds per step) and the files the steps wrote:
-speed-{fp32,bf16,compiled}.json (bench/train_speed.py --json), runs/<dataset>/ (test_metrics.json,
-metrics.jsonl), eval-fb15k-237.json and runs/qa-smoke/metrics.json. A missing file leaves its
-figure out; every step's rc and seconds are always there.
+speed-{fp32,bf16,bf16-nocudnn,compiled}.json (bench/train_speed.py --json), runs/<dataset>/
+(test_metrics.json, metrics.jsonl), eval-fb15k-237.json and runs/qa-smoke/metrics.json. A
+missing file leaves its figure out; every step's rc and seconds are always there.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+SPEED_VARIANTS = ("fp32", "bf16", "bf16-nocudnn", "compiled")  # bench/gpu/suite.sh's speed-* steps
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -42,7 +44,7 @@ def collect(work: Path, dry_run: bool) -> dict[str, Any]:
         name, rc, seconds = line.split("\t")
         results["steps"][name] = {"rc": int(rc), "seconds": float(seconds),
                                   "timed_out": int(rc) in (124, 137)}
-    for variant in ("fp32", "bf16", "compiled"):
+    for variant in SPEED_VARIANTS:
         speed = read_json(work / f"speed-{variant}.json")
         if speed:
             results[f"speed_{variant}"] = speed
@@ -78,7 +80,7 @@ def summary(results: dict[str, Any]) -> str:
     for name, s in results["steps"].items():
         lines.append(f"| {name} | {s['rc']}{' (timeout)' if s['timed_out'] else ''} | "
                      f"{s['seconds']:.0f} |")
-    speeds = [(v, results[f"speed_{v}"]) for v in ("fp32", "bf16", "compiled")
+    speeds = [(v, results[f"speed_{v}"]) for v in SPEED_VARIANTS
               if f"speed_{v}" in results]
     if speeds:
         lines += ["", "| training | triples/s | s per epoch | peak memory | test eval s |",

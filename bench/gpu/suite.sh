@@ -12,8 +12,10 @@
 #   env          versions, the GPU (nvidia-smi)                                        30 s
 #   gpu-tests    pytest -m gpu (tests/test_gpu.py, the CUDA resume test, ...)          120 s
 #   speed-*      bench/train_speed.py at the paper config, batch 512: fp32, bf16 (with a
-#                one-step profile), bf16 + torch.compile; s per epoch, peak memory,
-#                full filtered test evaluation time                          60 / 60 / 90 s
+#                one-step profile), bf16 without cuDNN's SDPA (profiled; the first suite saw
+#                cuDNN attention plan on the host for every packed shape), bf16 +
+#                torch.compile; s per epoch, peak memory, full filtered test
+#                evaluation time                                        60 / 60 / 60 / 90 s
 #   train-wn18rr / train-fb15k-237   the paper config for about 60 s of steps each (sized
 #                from the bf16 step time), then valid + test: MRR and epochs done      2 x 120 s
 #   eval-fb15k-237  python -m hitter_core.evaluate on that checkpoint: full filtered test 45 s
@@ -21,7 +23,7 @@
 #                co-trained HittER read by the copy head with name keys (the recommended
 #                recipe) from the FB15K-237 checkpoint, bf16 through DeepSpeed          100 s
 # A failed or timed-out step is recorded (results.json: rc, seconds) and the suite goes on.
-# Options: --cpu-dry-run, --only STEP[,STEP] (names as above; speed = all three speed steps).
+# Options: --cpu-dry-run, --only STEP[,STEP] (names as above; speed = every speed step).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -31,7 +33,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu-dry-run) dry=1; shift ;;
     --only) only="$2"; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "suite.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -124,12 +126,13 @@ step gpu-tests "$t_test" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
 
 # On CPU the layers call hitter_core.cpu_kernels, which torch.compile does not trace (torch
 # 2.13: "setStorage ... out of bounds" in the backward): the compiled variant is GPU-only.
-variants=(fp32 bf16 compiled)
-[[ $dry == 1 ]] && variants=(fp32 bf16)
+variants=(fp32 bf16 bf16-nocudnn compiled)
+[[ $dry == 1 ]] && variants=(fp32 bf16 bf16-nocudnn)
 for variant in "${variants[@]}"; do
   flags=()
   case $variant in
     bf16) flags=(--bf16 --profile) ;;
+    bf16-nocudnn) flags=(--bf16 --sdpa-backend no-cudnn --profile) ;;
     compiled) flags=(--bf16 --compile) ;;
   esac
   limit=$t_speed
