@@ -74,6 +74,9 @@ class KGQAConfig(PreTrainedConfig):
     # likelier than chance get their LM logits raised (weight zero at the start). No neighbour
     # list reaches the head. Not with copy_head.
     link_head: bool = False
+    # The link head's weight beta also reads how sure the head is (kgqa.link_head): the best
+    # relation match, the certainty of p(r | q, t) and of HittER's answer (zero-initialised).
+    link_confidence: bool = False
     # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
     # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?
     kg_init: Literal["pretrained", "random"] = "pretrained"
@@ -92,6 +95,8 @@ class KGQAConfig(PreTrainedConfig):
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.layer_mapping is not None:
             parse_layer_mapping(self.layer_mapping)  # fail early on a malformed string
+        if self.link_confidence and not self.link_head:
+            raise ValueError("link_confidence weighs the link head: set link_head=true too")
         if self.copy_head and self.link_head:
             raise ValueError("copy_head and link_head are two ways of answering from the KG: "
                              "set one")

@@ -131,7 +131,8 @@ class KGEnhancedLM(PreTrainedModel):
         self.link_head: KGLinkHead | None = None
         if config.link_head and hitter is not None:
             self.link_head = KGLinkHead(lm.config, hitter.config.num_entities,
-                                        hitter.config.num_relations)
+                                        hitter.config.num_relations,
+                                        confidence=config.link_confidence)
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()

@@ -46,6 +46,7 @@ def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
         "adapter": model_config.adapter, "copy_head": model_config.copy_head,
         "copy_name_keys": model_config.copy_name_keys,
         "link_head": model_config.link_head,
+        "link_confidence": model_config.link_confidence,
         "kg_init": model_config.kg_init, "kg_text_length": model_config.kg_text_length,
         "max_neighbours": model_config.max_neighbours,
         "shuffle_topics": train_config.shuffle_topics,
@@ -70,7 +71,7 @@ def row_label(result: dict[str, Any]) -> str:
     if v.get("copy_head"):
         parts.append("copy head, name keys" if v.get("copy_name_keys") else "copy head")
     if v.get("link_head"):
-        parts.append("link head")
+        parts.append("link head, confidence" if v.get("link_confidence") else "link head")
     label = f"{lm} + HittER {kg}, {' + '.join(parts) or 'unread'}"
     controls = []
     if v.get("kg_init") == "random":

@@ -21,6 +21,8 @@
 #   link            + HittER's own link prediction answers (kgqa.link_head): no neighbour list
 #   link-cotrained  the link head, HittER co-trained
 #   link-untrained, link-shuffled   the two controls for the link head
+#   link-conf       the link head whose weight also reads how sure it is (model.link_confidence)
+#   link-conf-untrained, link-conf-shuffled   its two controls
 # Options: --dataset webqsp|freebaseqa [webqsp], --split filtered|full [filtered],
 #   --kg-checkpoint DIR (HittER, for the KG rows), --seeds N [5], --seed S [333],
 #   --jobs J (runs at a time, one thread each; [1] = one run with all threads),
@@ -48,16 +50,17 @@ while [[ $# -gt 0 ]]; do
     --rows) rows="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled}"
+rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
 copy=(model.adapter=none model.copy_head=true model.max_neighbours=256)
 link=(model.adapter=none model.link_head=true)
+conf=("${link[@]}" model.link_confidence=true)
 row_overrides() {  # the overrides of one row
   case "$1" in
     lm) echo "model.kg_checkpoint=null" ;;
@@ -79,6 +82,9 @@ row_overrides() {  # the overrides of one row
     link-cotrained) echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false" ;;
     link-untrained) echo "model.kg_checkpoint=$kg ${link[*]} model.kg_init=random" ;;
     link-shuffled) echo "model.kg_checkpoint=$kg ${link[*]} train.shuffle_topics=true" ;;
+    link-conf) echo "model.kg_checkpoint=$kg ${conf[*]}" ;;
+    link-conf-untrained) echo "model.kg_checkpoint=$kg ${conf[*]} model.kg_init=random" ;;
+    link-conf-shuffled) echo "model.kg_checkpoint=$kg ${conf[*]} train.shuffle_topics=true" ;;
     *) echo "kg_gain.sh: unknown row '$1' (see --help)" >&2; return 2 ;;
   esac
 }

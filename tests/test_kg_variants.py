@@ -9,6 +9,7 @@ graph of 30 entities.
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -369,6 +370,58 @@ def test_link_head_reads_the_relation_texts(base_lm, tokenizer):
                                             tokenizer))
         after = head(*args).relation_probs[0]
     assert after[0] != before[0]
+
+
+def test_link_head_confidence_weighs_how_sure_the_head_is(base_lm):
+    """model.link_confidence: beta also reads the best relation logit and the certainty of
+    p(r | q) and of p_KG (1 for one-hot, 0 for uniform), through weights zero at the start, so
+    the head starts as the plain head; its figures carry no gradient."""
+    torch.manual_seed(0)
+    certainty = KGLinkHead.certainty
+    asked = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    logits = torch.tensor([[2.0, 0.0, 0.0], [1.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    logits = logits.masked_fill(~asked, float("-inf")).masked_fill(~asked.any(1)[:, None], 0.0)
+    probs = torch.softmax(logits, 1) * asked
+    fits = torch.tensor([[True, True, True, False], [True, True, False, False],
+                         [True, True, True, True]])
+    p_kg = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    sure = certainty(logits.requires_grad_(), probs, asked, p_kg, fits)
+    assert not sure.requires_grad
+    p = probs[0, :2]
+    assert sure[:, 0].tolist() == [2.0, 1.5, 0.0]  # the best relation logit (none: 0)
+    assert sure[0, 1].item() == pytest.approx(1 + (p * p.log()).sum().item() / math.log(2))
+    assert sure[1:, 1].tolist() == [0.0, 0.0]  # one relation, or none: no choice made
+    assert sure[0, 2].item() == pytest.approx(1.0)  # one-hot over 3 candidates
+    assert sure[1:, 2].tolist() == [0.0, 0.0]  # uniform over its 2; no opinion
+    head = KGLinkHead(base_lm.config, num_entities=4, num_relations=2, confidence=True)
+    plain = KGLinkHead(base_lm.config, num_entities=4, num_relations=2)
+    plain.load_state_dict(head.state_dict(), strict=False)
+    for h in (head, plain):
+        h.set_entity_names([[10], [20], [30], [40]])
+        h.set_relation_names([[2000, 2001], [2002]])
+        h.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2]]))
+    query_rows, query_relations = head.queries(torch.tensor([0]))
+    scores = torch.tensor([[0.0, 6.0, 0.0, 0.0], [0.0, 0.0, 6.0, 0.0]])
+    args = (torch.randn(1, 50), torch.randn(1, base_lm.config.hidden_size), torch.tensor([0]),
+            1, torch.tensor([0]), torch.tensor([0]), query_rows, query_relations, scores,
+            base_lm.bert.embeddings.word_embeddings)
+    with torch.no_grad():
+        head.gate.bias.fill_(1.0)
+        plain.gate.bias.fill_(1.0)
+        torch.testing.assert_close(head(*args).log_probs, plain(*args).log_probs)
+        head.confidence.weight.copy_(torch.tensor([[0.0, 0.0, 2.0]]))
+    out = head(*args)
+    p_kg = (out.relation_probs[0, 0] * scores[0].softmax(0)
+            + out.relation_probs[0, 1] * scores[1].softmax(0))
+    kl = (p_kg * (4 * p_kg).log()).sum() / math.log(4)
+    assert out.gate.item() == pytest.approx(1.0 + 2 * kl.item(), rel=1e-5)
+    out.log_probs[0, 30].backward()
+    assert head.confidence.weight.grad[0, 2] != 0
+
+
+def test_link_confidence_needs_the_link_head():
+    with pytest.raises(ValueError, match="link_head=true"):
+        load_sections(QA_SCHEMA, None, ["model.link_confidence=true"])
 
 
 def test_copy_and_link_heads_exclude_each_other():
