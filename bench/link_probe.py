@@ -67,23 +67,22 @@ def probe(model_dir: str, examples: list, gold: list[set[int]], data_dir: str,
     if head is None:
         raise ValueError(f"{model_dir}: not a link-head model (model.link_head is false)")
     n_max = model.config.max_neighbours
-    temperature = head.log_temperature.exp()
+    captured = []  # the head's inputs: HittER's link prediction, run once by the model
+    head.register_forward_hook(lambda module, args, output: captured.append(args))
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = make_batch(chunk, tokenizer, index, n_max)
         if len(batch["input_ids"]) != len(chunk):
             raise ValueError(f"questions {start}-{start + len(chunk)}: some were dropped")
+        captured.clear()
         out = model(**batch)
         top = out.logits.argmax(-1)  # (M,)
         wrong = torch.zeros(len(chunk), dtype=torch.long).index_add_(
             0, out.rows, (top != out.labels).long())
-        kg_rows, topics, q_rows, q_rels, scores = model.predict_links(
-            batch["topic_entity"], batch["kg_entities"], batch["kg_relations"], batch["kg_mask"])
-        predicted = torch.softmax(scores / temperature, dim=1)  # (Q, E)
-        weight = out.kg_relation_probs[q_rows, q_rels]  # (Q,)
-        p_kg = predicted.new_zeros(len(kg_rows), scores.shape[1]).index_add(
-            0, q_rows, weight[:, None] * predicted)  # (B_kg, E)
+        (args,) = captured  # KGLinkHead.forward's positional arguments
+        kg_rows, _, q_rows, q_rels, scores = args[4:9]  # ... topics ... HittER's (Q, E) scores
+        p_kg = head.answer_probs(out.kg_relation_probs, q_rows, q_rels, scores)  # (B_kg, E)
         for j, row in enumerate(kg_rows.tolist()):
             ex, g = chunk[row], gold[start + row]
             fits = head.name_length == int(batch["num_masks"][row])  # (E,) candidates

@@ -103,6 +103,16 @@ class KGLinkHead(NameCopier):
         rows, relations = self.entity_relations[topics].nonzero(as_tuple=True)
         return rows, relations
 
+    def answer_probs(self, relation_probs: torch.Tensor, query_rows: torch.Tensor,
+                     query_relations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(B_kg, E) p_KG(e) = sum_r p(r | q, t) softmax_e(s(t, r, e) / T), over all entities
+        (not yet restricted to the candidates), from the (B_kg, 2R) relation probabilities and
+        the (Q,) queries with HittER's (Q, E) scores (:meth:`queries`)."""
+        predicted = torch.softmax(scores.float() / self.log_temperature.exp(), dim=1)  # (Q, E)
+        weight = relation_probs[query_rows, query_relations]  # (Q,)
+        return predicted.new_zeros(len(relation_probs), scores.shape[1]).index_add(
+            0, query_rows, weight[:, None] * predicted)  # (B_kg, E)
+
     @staticmethod
     @torch.no_grad()
     def certainty(relation_logits: torch.Tensor, relation_probs: torch.Tensor,
@@ -153,10 +163,7 @@ class KGLinkHead(NameCopier):
         relation_logits = relation_logits.masked_fill(~has_relation[:, None], 0.0)  # no NaN
         relation_probs = torch.softmax(relation_logits, dim=1) * asked  # (B_kg, 2R)
 
-        predicted = torch.softmax(scores.float() / self.log_temperature.exp(), dim=1)  # (Q, E)
-        weight = relation_probs[query_rows, query_relations]  # (Q,)
-        p_kg = predicted.new_zeros(len(kg_rows), scores.shape[1]).index_add(
-            0, query_rows, weight[:, None] * predicted)  # (B_kg, E)
+        p_kg = self.answer_probs(relation_probs, query_rows, query_relations, scores)
         fits = self.name_length[None, :] == counts[kg_rows][:, None]  # (B_kg, E)
         fits = fits & has_relation[:, None]  # a topic without relations: no opinion
         p_kg = p_kg * fits
