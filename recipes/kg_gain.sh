@@ -21,6 +21,8 @@
 #   link            + HittER's own link prediction answers (kgqa.link_head): no neighbour list
 #   link-cotrained  the link head, HittER co-trained
 #   link-untrained, link-shuffled   the two controls for the link head
+#   link-cotrained-untrained, link-cotrained-shuffled   the same two for link-cotrained (an
+#                   untrained HittER co-trained on the questions; shuffled topics, co-trained)
 #   link-conf       the link head whose weight also reads how sure it is (model.link_confidence)
 #   link-conf-untrained, link-conf-shuffled   its two controls
 # Options: --dataset webqsp|freebaseqa [webqsp], --split filtered|full [filtered],
@@ -50,11 +52,11 @@ while [[ $# -gt 0 ]]; do
     --rows) rows="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
+rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-cotrained-untrained,link-cotrained-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
@@ -82,6 +84,10 @@ row_overrides() {  # the overrides of one row
     link-cotrained) echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false" ;;
     link-untrained) echo "model.kg_checkpoint=$kg ${link[*]} model.kg_init=random" ;;
     link-shuffled) echo "model.kg_checkpoint=$kg ${link[*]} train.shuffle_topics=true" ;;
+    link-cotrained-untrained)
+      echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false model.kg_init=random" ;;
+    link-cotrained-shuffled)
+      echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false train.shuffle_topics=true" ;;
     link-conf) echo "model.kg_checkpoint=$kg ${conf[*]}" ;;
     link-conf-untrained) echo "model.kg_checkpoint=$kg ${conf[*]} model.kg_init=random" ;;
     link-conf-shuffled) echo "model.kg_checkpoint=$kg ${conf[*]} train.shuffle_topics=true" ;;
