@@ -138,13 +138,13 @@ def test_copy_head_copies_the_attended_neighbours_name(base_lm):
 
 
 def test_without_hitter_the_recommended_preset_is_the_plain_lm(base_lm, neighbours, tokenizer):
-    """qa-webqsp-copy-minilm-cpu with model.kg_checkpoint=null (the no-KG row of the main job):
-    no copy head, no adapters, exactly the stock LM."""
-    config = load_sections(QA_SCHEMA, "qa-webqsp-copy-minilm-cpu",
+    """qa-webqsp-link-minilm-cpu with model.kg_checkpoint=null (the no-KG row of the main job):
+    no link head, no adapters, exactly the stock LM."""
+    config = load_sections(QA_SCHEMA, "qa-webqsp-link-minilm-cpu",
                            ["model.kg_checkpoint=null"])["model"]
-    assert config.copy_head and config.copy_name_keys and not config.freeze_kg  # unused here
+    assert config.link_head and config.freeze_kg and config.adapter == "none"  # unused here
     model = KGEnhancedLM(config, copy.deepcopy(base_lm)).eval()
-    assert model.copy_head is None and not model.adapters()
+    assert model.link_head is None and model.copy_head is None and not model.adapters()
     batch = make_batch(examples([3, 5, 7, 12]), tokenizer, neighbours)
     with torch.no_grad():
         logits = model(**batch).logits
