@@ -58,15 +58,15 @@ echo "== stage 1 done after $(elapsed)"
 # The two QA runs side by side, each on half the cores (batches of 16 short questions keep few
 # threads busy).
 preset=qa-webqsp-link-minilm-cpu
-cores=$("$PYTHON" -c 'import os; print(len(os.sched_getaffinity(0)))')
+threads=$("$PYTHON" -c 'import os; print((len(os.sched_getaffinity(0)) + 1) // 2)')
 echo "== stage 2: WebQSP filtered, preset $preset, without KG and with HittER, side by side," \
-  "$(((cores + 1) / 2)) thread(s) each ($(elapsed) so far)"
+  "$threads thread(s) each ($(elapsed) so far)"
 pids=() logs=()
 for kg in none "$OUT/hitter/best"; do
   tag=nokg
   [[ $kg != none ]] && tag=hitter
   log="$OUT/qa-filtered-$tag.log"
-  OMP_NUM_THREADS=$(((cores + 1) / 2)) bash recipes/finetune_qa.sh --preset "$preset" \
+  OMP_NUM_THREADS=$threads bash recipes/finetune_qa.sh --preset "$preset" \
     --kg-checkpoint "$kg" --seeds "$SEEDS" --seed "$SEED" --out "$OUT/qa/webqsp-filtered-$tag" \
     -- "${qa_extra[@]}" >"$log" 2>&1 &
   pids+=($!) logs+=("$log")
