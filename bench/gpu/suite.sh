@@ -38,7 +38,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 gpu_dir=$root/.gpu
-[[ -d $gpu_dir/wheels && -f $gpu_dir/data.tar.xz && -d $gpu_dir/minilm ]] || {
+[[ -d $gpu_dir/wheels && -f $gpu_dir/data.tar.xz && -f $gpu_dir/minilm.tar.xz ]] || {
   echo "suite.sh: $gpu_dir is incomplete: run bash bench/gpu/prepare.sh first (on a machine with the package registries)" >&2; exit 2; }
 
 out=${OUT:-$root/runs/gpu-suite}
@@ -63,8 +63,10 @@ else
   export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 fi
 mkdir -p "$work/data"
-"$PYTHON" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
-  "$gpu_dir/data.tar.xz" "$work/data"  # Python's lzma: no xz binary needed
+for pack in "$gpu_dir/data.tar.xz:$work/data" "$gpu_dir/minilm.tar.xz:$work"; do  # -> minilm/
+  "$PYTHON" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+    "${pack%%:*}" "${pack#*:}"  # Python's lzma: no xz binary needed
+done
 export KGQA_DATA_DIR=$work/data
 if [[ $dry == 1 ]]; then  # evaluation on CPU: 200 valid / test triples, not tens of thousands
   for f in "$work"/data/{fb15k-237,wn18rr}/{valid,test}.txt; do
@@ -175,7 +177,7 @@ if [[ -f $work/runs/fb15k-237/best/config.json ]]; then
            model.copy_name_keys=true model.max_neighbours=256 model.freeze_kg=false)
 fi
 step qa-smoke "$t_qa" "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu \
-  --output-dir "$work/runs/qa-smoke" --data-dir "$KGQA_DATA_DIR" model.lm="$gpu_dir/minilm" \
+  --output-dir "$work/runs/qa-smoke" --data-dir "$KGQA_DATA_DIR" model.lm="$work/minilm" \
   "${kg_sets[@]}" train.epochs=1 \
   "${qa_sets[@]}"
 
