@@ -23,10 +23,8 @@ reciprocal r + R, the head's numbering). Printed, for each model directory:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import datasets
 import torch
@@ -36,6 +34,7 @@ from hitter_core.data import default_data_dir, load_kg
 from kgqa.batches import make_batch
 from kgqa.data import qa_splits, read_sources
 from kgqa.model import load_qa_model
+from kgqa.report import predictions_file, read_predictions
 
 
 def gold_relations(train: torch.Tensor, num_relations: int,
@@ -155,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           [(e.topic_entity, e.answer_entity) for e in examples])
     lm_correct = None
     if args.lm_run:
-        path = Path(args.lm_run) / f"predictions.{args.split}.jsonl"
-        lm_correct = {d["question_id"]: d["correct"]
-                      for d in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        path = predictions_file(args.lm_run, args.split)
+        if path is None:
+            raise FileNotFoundError(f"{args.lm_run}: no predictions.{args.split}.jsonl(.gz)")
+        lm_correct = {d["question_id"]: d["correct"] for d in read_predictions(path)}
     for model_dir in args.models:
         records = probe(model_dir, examples, gold, data_dir, args.batch_size)
         print(f"{model_dir} ({args.dataset} filtered {args.split}):")

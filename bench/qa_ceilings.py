@@ -6,30 +6,29 @@ what a perfect choice between the two models would give (right where either is r
     python bench/qa_ceilings.py runs/kg-gain/webqsp-filtered/lm \
         runs/kg-gain/webqsp-filtered/copy-names
 
-Each argument is a row directory holding ``seed<s>/predictions.test.jsonl`` (kgqa.train);
-seeds present in both rows are paired. Prints mean ± sample std over the seeds (%).
+Each argument is a row directory holding ``seed<s>/predictions.test.jsonl`` (kgqa.train; or
+the gzipped ``.jsonl.gz`` bench/results keeps); seeds present in both rows are paired.
+Prints mean ± sample std over the seeds (%).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from hitter_core.cli import run_cli
+from kgqa.report import predictions_file, read_predictions
 
 
 def predictions(row: Path, seed: str) -> dict[str, dict]:
-    path = row / seed / "predictions.test.jsonl"
-    with path.open(encoding="utf-8") as f:
-        return {p["question_id"]: p for p in map(json.loads, f)}
+    return {p["question_id"]: p for p in read_predictions(predictions_file(row / seed))}
 
 
 def seeds_of(row: Path) -> set[str]:
-    return {p.parent.name for p in row.glob("seed*/predictions.test.jsonl")}
+    return {d.name for d in row.glob("seed*") if predictions_file(d) is not None}
 
 
 def ceilings(lm: dict[str, dict], kg: dict[str, dict]) -> dict[str, float]:

@@ -11,7 +11,8 @@ run (``kgqa.train``) under the given paths and prints:
 * the gain over the plain LM, paired by seed: for every row with KG input, the mean ± std of
   (row - plain LM) over the seeds both have, same LM, protocol and split;
 * a breakdown: test accuracy on the questions whose answer entity is a direct neighbour of
-  the topic in the graph, and on the rest (from ``predictions.test.jsonl``).
+  the topic in the graph, and on the rest (from ``predictions.test.jsonl``, or its
+  ``gzip -n`` copy ``predictions.test.jsonl.gz``, the form bench/results keeps).
 
 Runs are only averaged together when they agree on everything but the seed: model variant,
 protocol, and the number of train and test questions; a second run of one seed in a cell is an
@@ -20,6 +21,7 @@ error (it would be counted twice).
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 from collections.abc import Iterable, Sequence
@@ -109,16 +111,29 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def predictions_file(run_dir: str | Path, split: str = "test") -> Path | None:
+    """A run's saved predictions: ``predictions.<split>.jsonl`` as kgqa.train writes it, or
+    the gzipped copy (``.jsonl.gz``) kept in bench/results; None when neither exists."""
+    for name in (f"predictions.{split}.jsonl", f"predictions.{split}.jsonl.gz"):
+        if (file := Path(run_dir) / name).is_file():
+            return file
+    return None
+
+
+def read_predictions(file: str | Path) -> list[dict[str, Any]]:
+    """The records of a predictions file (JSON lines, plain or gzipped), one per question."""
+    file = Path(file)
+    opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _breakdown(path: str | None) -> dict[str, list[bool]] | None:
     """Correctness per question, split by whether the answer is a neighbour of the topic."""
-    if path is None:
-        return None
-    file = Path(path).parent / PREDICTIONS_FILE
-    if not file.is_file():
+    if path is None or (file := predictions_file(Path(path).parent)) is None:
         return None
     out: dict[str, list[bool]] = {"neighbour": [], "other": []}
-    for line in file.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_predictions(file):
         if "answer_is_neighbour" not in record:
             return None
         out["neighbour" if record["answer_is_neighbour"] else "other"].append(record["correct"])

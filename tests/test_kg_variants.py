@@ -8,6 +8,7 @@ graph of 30 entities.
 """
 
 import copy
+import gzip
 import json
 import math
 
@@ -545,13 +546,18 @@ def test_report_rows_gains_and_protocols():
 
 
 def test_report_breakdown_from_predictions(tmp_path):
+    # Seed 1 as kgqa.train writes it, seed 2 gzipped as bench/results keeps it.
     for seed, flags in ((1, [(True, True), (False, True), (True, False)]),
                         (2, [(True, True), (True, True), (False, False)])):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
         (d / "metrics.json").write_text(json.dumps(result(seed, 0.5, total=3)))
-        (d / "predictions.test.jsonl").write_text("".join(
-            json.dumps({"correct": c, "answer_is_neighbour": n}) + "\n" for c, n in flags))
+        lines = "".join(json.dumps({"correct": c, "answer_is_neighbour": n}) + "\n"
+                        for c, n in flags)
+        if seed == 1:
+            (d / "predictions.test.jsonl").write_text(lines)
+        else:
+            (d / "predictions.test.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     from kgqa.report import find_run_results
     row = build_report(find_run_results([tmp_path]))["rows"][0]
     assert row["breakdown"]["neighbour"]["questions"] == 2
