@@ -11,6 +11,8 @@
 #   text            the plain LM with the topic's neighbourhood as text (kgqa.verbalise)
 #   paper           + HittER through the paper's cross-attention adapters
 #   gated           + HittER through zero-initialised gated adapters
+#   paper-untrained, paper-shuffled, gated-untrained, gated-shuffled   the adapter rows'
+#                   two controls: an untrained HittER of the same shape; shuffled topics
 #   copy            + HittER read by the copy head (kgqa.copy_head), 256 neighbours
 #   copy-names      the copy head whose keys also read names and relation texts
 #   copy-cotrained  the copy head, HittER co-trained
@@ -52,11 +54,11 @@ while [[ $# -gt 0 ]]; do
     --rows) rows="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-cotrained-untrained,link-cotrained-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
+rows="${rows:-lm,text,paper,gated,paper-untrained,paper-shuffled,gated-untrained,gated-shuffled,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-cotrained-untrained,link-cotrained-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
@@ -69,6 +71,10 @@ row_overrides() {  # the overrides of one row
     text) echo "model.kg_checkpoint=null model.kg_text_length=128" ;;
     paper) echo "model.kg_checkpoint=$kg model.adapter=paper" ;;
     gated) echo "model.kg_checkpoint=$kg model.adapter=gated" ;;
+    paper-untrained | gated-untrained)
+      echo "model.kg_checkpoint=$kg model.adapter=${1%-*} model.kg_init=random" ;;
+    paper-shuffled | gated-shuffled)
+      echo "model.kg_checkpoint=$kg model.adapter=${1%-*} train.shuffle_topics=true" ;;
     copy) echo "model.kg_checkpoint=$kg ${copy[*]}" ;;
     copy-names) echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true" ;;
     copy-cotrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.freeze_kg=false" ;;
