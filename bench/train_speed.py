@@ -20,19 +20,24 @@ memory for reuse, as training does (``hitter_core.cpu_memory``; ``--no-keep-free
 glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
-        [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE]
-        [--sdpa-backend default|no-cudnn|flash|efficient|math] [--no-keep-freed-memory]
+        [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE] [--shape-steps N]
+        [--sdpa-backend default|torch|cudnn|flash|efficient|math] [--no-keep-freed-memory]
         [model.hidden_size=128 train.lr=0.02 ...]
 
-``--bf16`` runs the step under bf16 autocast, as the DeepSpeed engine does on a GPU
-(``torch_autocast``; fp32 weights, gradients and optimizer state); ``--compile`` compiles each
-Transformer layer with ``torch.compile(dynamic=True)`` (the packed token count changes every
-step); ``--profile`` prints the top ops of one extra step (torch.profiler); ``--json`` writes
-the figures (bench/gpu/suite.sh collects them); ``--sdpa-backend`` restricts the backends
-``scaled_dot_product_attention`` may pick in the training steps
-(``torch.nn.attention.sdpa_kernel``; ``no-cudnn``: all but cuDNN's, which plans anew for each
-new packed shape). The default warm-up is 2 steps on CPU and 10 on CUDA (kernel selection, the
-caching allocator, compilation).
+The precision is the preset's ``train.precision`` (``auto``: bf16 autocast where the device
+has native bf16, as the trainer resolves it, ``hitter_core.precision``; fp32 weights, gradients
+and optimizer state); ``train.precision=fp32`` times float32, ``--bf16`` is
+``train.precision=bf16``. ``--compile`` compiles each Transformer layer with ``torch.compile``
+(``dynamic=False`` over the bucketed static shapes, ``model.shape_buckets``; ``dynamic=True``
+with ``model.shape_buckets=0``). The distinct input shapes of the timed steps are counted
+(pair rows, context tokens, neighbour width: what plans and compiled graphs are keyed on);
+``--shape-steps N`` counts them over N more batches (forward only, no gradient; ``epoch``:
+one epoch's worth). ``--profile`` prints the top ops of one extra step (torch.profiler);
+``--json`` writes the figures (bench/gpu/suite.sh collects them); ``--sdpa-backend`` sets the
+backends CUDA's ``scaled_dot_product_attention`` may pick (``default``: the trainer's choice,
+``hitter_core.kernels.CUDA_SDPA_BACKENDS``, which leaves out cuDNN's; ``torch``: torch's own
+choice). The default warm-up is 2 steps on CPU and 10 on CUDA (kernel selection, the caching
+allocator, compilation).
 
 The evaluation batch is the preset's ``train.eval_batch_size`` (override it as any setting).
 
@@ -44,7 +49,6 @@ under load); on an idle machine the default is as fast or slightly faster.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import resource
@@ -54,8 +58,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
+from hitter_core import kernels
 from hitter_core.batches import compute_loss, make_batch
 from hitter_core.cli import add_config_arguments, run_cli
 from hitter_core.config import DEFAULT_PRESET, TrainConfig, load_config
@@ -65,19 +70,17 @@ from hitter_core.evaluate import rank_queries, split_queries
 from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_
+from hitter_core.precision import resolve_precision
 from hitter_core.ranking import FilterIndex
 
-SDPA_BACKENDS = {  # --sdpa-backend: the backends scaled_dot_product_attention may pick
-    "no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+SDPA_BACKENDS = {  # --sdpa-backend: the backends scaled_dot_product_attention may pick on CUDA
+    "default": kernels.CUDA_SDPA_BACKENDS,  # the trainer's choice
+    "torch": None,  # torch's own choice, cuDNN's attention included
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],
 }
-
-
-def sdpa_backends(name: str) -> contextlib.AbstractContextManager:
-    """A context in which SDPA picks only among the backends ``name`` allows ("default": any)."""
-    return contextlib.nullcontext() if name == "default" else sdpa_kernel(SDPA_BACKENDS[name])
 
 
 def make_train_step(
@@ -86,8 +89,9 @@ def make_train_step(
 ) -> Callable[[], float]:
     """A closure running one training step on B random train triples; returns the loss.
     The trainer's own pieces (batch, loss, optimizer, clipping), without DeepSpeed; with
-    ``bf16`` the forward runs under bf16 autocast, and SDPA uses the backends ``sdpa_backend``
-    allows (:data:`SDPA_BACKENDS`)."""
+    ``bf16`` the forward runs under bf16 autocast, and CUDA's SDPA uses the backends
+    ``sdpa_backend`` allows (:data:`SDPA_BACKENDS`)."""
+    kernels.CUDA_SDPA_BACKENDS = SDPA_BACKENDS[sdpa_backend]
     optimizer = build_optimizer(model, train_cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     device_type = train.device.type
@@ -95,16 +99,55 @@ def make_train_step(
     def step() -> float:
         rows = torch.randint(len(train), (batch_size,), device=train.device)
         batch = make_batch(train[rows], index, model.config)
-        with sdpa_backends(sdpa_backend):
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = compute_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = compute_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         clip_grad_per_tensor_(params, train_cfg.max_grad_norm)
         optimizer.step()
         return loss.item()
 
     return step
+
+
+class ShapeCounter:
+    """Counts the distinct input shapes HittER's Transformers see, through forward pre-hooks on
+    the first entity and first context layer: (pair rows, context tokens, rows B, grid width L)
+    per forward, the sizes that attention plans, oneDNN primitives and compiled graphs are
+    built for."""
+
+    def __init__(self, model: HittER) -> None:
+        self.shapes: set[tuple[int, ...]] = set()
+        self._pair_rows, self._context_too = 0, model.config.use_context
+        model.pair_layers[0].register_forward_pre_hook(self._pairs)
+        if self._context_too:
+            model.context_layers[0].register_forward_pre_hook(self._context)
+
+    def _pairs(self, module, args) -> None:
+        self._pair_rows = args[0].shape[0]
+        if not self._context_too:
+            self.shapes.add((self._pair_rows,))
+
+    def _context(self, module, args) -> None:
+        x, packing = args[0], args[1]
+        self.shapes.add((self._pair_rows, x.shape[0], packing.batch, packing.length))
+
+    def count(self) -> int:
+        return len(self.shapes)
+
+
+@torch.no_grad()
+def count_shapes(
+    model: HittER, index: NeighbourIndex, train: torch.Tensor, batch_size: int, steps: int,
+    bf16: bool,
+) -> None:
+    """Forward ``steps`` more random training batches (train mode, no gradient), so that a
+    :class:`ShapeCounter` on the model sees their shapes."""
+    for _ in range(steps):
+        rows = torch.randint(len(train), (batch_size,), device=train.device)
+        batch = make_batch(train[rows], index, model.config)
+        with torch.autocast(train.device.type, dtype=torch.bfloat16, enabled=bf16):
+            compute_loss(model, batch)
 
 
 def print_profile(step: Callable[[], float], device: torch.device, rows: int = 15) -> None:
@@ -157,14 +200,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps first (default: 2 on CPU, 10 on CUDA)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as on a GPU")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train.precision=bf16 (default: the preset's, auto)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile(dynamic=True) each Transformer layer")
+                        help="torch.compile each Transformer layer (static shapes unless "
+                             "model.shape_buckets=0)")
+    parser.add_argument("--shape-steps", default="0",
+                        help="count distinct input shapes over this many more batches "
+                             "(forward only; 'epoch': an epoch's worth)")
     parser.add_argument("--profile", action="store_true",
                         help="print the top ops of one more step (torch.profiler)")
     parser.add_argument("--sdpa-backend", default="default",
                         choices=["default", *SDPA_BACKENDS],
-                        help="the backends SDPA may use in training (default: torch's choice)")
+                        help="the backends CUDA's SDPA may use in training (default: the "
+                             "trainer's, hitter_core.kernels.CUDA_SDPA_BACKENDS; torch: torch's "
+                             "own choice, cuDNN included)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--eval-queries", type=int, default=2048,
                         help="valid queries to time, extrapolated to test; 0: the whole test")
@@ -188,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     filter_index = FilterIndex.build(kg)
     load_s = time.perf_counter() - t0
     model = HittER(model_cfg).to(device).train()
+    shapes = ShapeCounter(model)
+    precision = resolve_precision("bf16" if args.bf16 else train_cfg.precision, device)
+    bf16 = precision == "bf16"
     if args.compile:
         for layer in (*model.pair_layers, *model.context_layers):
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=model_cfg.shape_buckets == 0)
     n_params = sum(p.numel() for p in model.parameters())
     c = model_cfg
     print(f"{kg}\nmodel: {n_params:,} parameters, dim {c.hidden_size}, layers "
@@ -202,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rate = matmul_rate(device)
     print(f"reference matmul (float32, 11008x320 @ 320x1280): {rate:,.0f} GFLOP/s")
-    step = make_train_step(model, index, kg.train.to(device), train_cfg, batch_size, args.bf16,
+    step = make_train_step(model, index, kg.train.to(device), train_cfg, batch_size, bf16,
                            args.sdpa_backend)
     warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
     t = time.perf_counter()
@@ -223,9 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     epoch_s = mean * math.ceil(len(kg.train) / batch_size)
     print(f"throughput: {batch_size / mean:,.1f} triples/s (mean), "
           f"{batch_size / best:,.1f} triples/s (best step); {epoch_s:,.1f} s per epoch "
-          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}, SDPA "
+          f"({precision}{', compiled' if args.compile else ''}, SDPA "
           f"{args.sdpa_backend}; "
           f"warm-up {warmup} steps {warmup_s:.1f} s)")
+    steps_per_epoch = math.ceil(len(kg.train) / batch_size)
+    shape_steps = steps_per_epoch if args.shape_steps == "epoch" else int(args.shape_steps)
+    count_shapes(model, index, kg.train.to(device), batch_size, shape_steps, bf16)
+    seen = warmup + args.steps + shape_steps
+    print(f"distinct input shapes: {shapes.count()} over {seen} batches "
+          f"({seen / steps_per_epoch:.2f} epochs; model.shape_buckets={model_cfg.shape_buckets})")
     if args.profile:
         print_profile(step, device)
 
@@ -250,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         figures = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "preset": args.preset, "batch_size": batch_size, "bf16": args.bf16,
+            "preset": args.preset, "batch_size": batch_size, "bf16": bf16,
+            "precision": precision, "shape_buckets": model_cfg.shape_buckets,
+            "distinct_shapes": shapes.count(), "shape_batches": seen,
             "compile": args.compile, "sdpa_backend": args.sdpa_backend, "matmul_gflops": rate,
             "step_s_mean": mean, "step_s_best": best, "triples_per_s": batch_size / mean,
             "epoch_s": epoch_s,

@@ -40,6 +40,7 @@ def make_batch(
             sources, config.max_neighbours, train=True,
             exclude_entity=gt_entity, exclude_relation=gt_relation,
             drop=config.neighbour_drop, generator=generator,
+            full_width=config.shape_buckets > 0,
         )
     device = neighbour_index.device
     return Batch(sources.to(device), relations.to(device), targets.to(device), neighbours)

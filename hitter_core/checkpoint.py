@@ -5,7 +5,8 @@ Layout of ``output_dir``::
 
     run_config.yaml   resolved configuration (hitter_core.config.save_config), at start
     ds_config.json    resolved DeepSpeed configuration
-    metrics.jsonl     one JSON object per line: training logs, validations, the test result
+    metrics.jsonl     one JSON object per line: training logs (LogWindow's means since the
+                      last log), validations (with train_seconds), the test result
     tensorboard/      the same scalars, when tensorboard is installed
     last/             model (save_pretrained) + run_config.yaml + trainer_state.pt
     best/             model (save_pretrained) + run_config.yaml + valid_metrics.json
@@ -28,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,9 @@ class TrainState:
     bad_validations: int = 0  # validations since the last improvement (early stopping)
     validated_step: int = -1  # step of the last validation
     stopped_early: bool = False
+    # Wall-clock time spent training so far (validation and test excluded): a measurement,
+    # not state, so two runs that took the same steps compare equal whatever their speed.
+    train_seconds: float = dataclasses.field(default=0.0, compare=False)
 
 
 RUN_FILES = (RUN_CONFIG_NAME, "ds_config.json", "metrics.jsonl", "tensorboard", "last",
@@ -270,6 +275,29 @@ def load_latest_checkpoint(
                 logger.warning("%s; trying the previous checkpoint", e)
                 errors.append(str(e))
     raise CorruptCheckpoint("; ".join(errors) or f"{last}: no checkpoint")
+
+
+class LogWindow:
+    """Running means of the logged losses and the throughput since the last log. The sums
+    stay on the device (no host sync per step) until :meth:`pop` reads them."""
+
+    def __init__(self) -> None:
+        self.start, self.steps, self.triples = time.perf_counter(), 0, 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor], triples: int) -> None:
+        self.steps, self.triples = self.steps + 1, self.triples + triples
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+
+    def rate(self) -> float:
+        return self.triples / max(time.perf_counter() - self.start, 1e-9)
+
+    def pop(self) -> dict[str, float]:
+        out = {k: float(v) / self.steps for k, v in self.sums.items()}
+        out["triples_per_s"] = self.rate()
+        self.__init__()
+        return out
 
 
 class MetricsLogger:

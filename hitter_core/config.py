@@ -100,6 +100,12 @@ class HittERConfig(PreTrainedConfig):
     # pairs are repeats (hub entities), and sharing makes a training step ~10% faster.
     # False: the reference's independent draw per copy.
     dedup_pairs_in_training: bool = True
+    # Static shapes: the entity Transformer's pair count and the context Transformer's packed
+    # token count are padded up to one of `shape_buckets` sizes per octave (<= 1/shape_buckets
+    # more rows; padding rows are never read, so results are exact), and the neighbour width
+    # to max_neighbours, so that an epoch sees a few distinct shapes: attention plans
+    # (cuDNN), oneDNN primitives and compiled graphs are built once. 0: the exact shapes.
+    shape_buckets: int = 8
 
     def validate_hitter(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -113,6 +119,9 @@ class HittERConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.use_context and self.type_vocab_size < 3:
             raise ValueError("type_vocab_size must be >= 3 (GCLS, source, neighbour)")
+        if self.shape_buckets < 0:
+            raise ValueError(f"shape_buckets must be >= 0 (0 = exact shapes), got "
+                             f"{self.shape_buckets}")
         if min(self.num_entities, self.num_relations, self.num_entity_layers) < 1:
             raise ValueError("num_entities, num_relations and num_entity_layers must be >= 1")
 
@@ -150,6 +159,10 @@ class TrainConfig:
     log_every: int = 100  # steps
     save_every: int = 200  # steps between "last" checkpoints (also after each validation)
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # "auto": bf16 autocast where the device computes bf16 natively (CUDA with bf16, a CPU with
+    # AVX512-BF16 or AMX), else fp32; weights, optimizer state, gradients, the 1vsAll scores and
+    # the loss stay fp32 (hitter_core.precision). Not in the paper (fp32 on a V100).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def validate_values(self) -> None:
         positive = ("batch_size", "eval_batch_size", "max_epochs", "validate_every", "log_every")

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hitter_core.precision import native_bf16
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_config.json"
@@ -142,14 +144,15 @@ def initialize_engine(
     """The DeepSpeed engine over ``model`` with the caller's ``optimizer`` and per-step
     ``scheduler`` (call :func:`init_distributed` first). ``resolve_kwargs`` go to
     :func:`resolve_ds_config` (``micro_batch_size`` and ``max_grad_norm`` at least;
-    ``bf16_available`` defaults to a CUDA device that supports bf16). The engine moves the
+    ``bf16_available``, whether ``"auto"`` in the file means bf16, defaults to the device's
+    native bf16, :func:`hitter_core.precision.native_bf16`). The engine moves the
     model to its device and averages gradients across processes; ``engine.optimizer``,
     ``engine.lr_scheduler`` and ``engine.config`` (the resolved config) are the ones in use."""
     import deepspeed
 
     if "bf16_available" not in resolve_kwargs:
-        cuda = deepspeed.accelerator.get_accelerator().device_name() == "cuda"
-        resolve_kwargs["bf16_available"] = cuda and torch.cuda.is_bf16_supported()
+        device = deepspeed.accelerator.get_accelerator().device_name()
+        resolve_kwargs["bf16_available"] = native_bf16(device)
     resolved = resolve_ds_config(ds_config, **resolve_kwargs)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=resolved
@@ -175,10 +178,12 @@ def resolve_ds_config(
     * ``gradient_clipping``: ``max_grad_norm`` of the *global* norm when ``engine_clips``,
       else 0 (the caller clips, e.g. per tensor as the HittER reference does).
     * ``zero_optimization.stage``: ``zero_stage``, which must be in ``supported_zero_stages``.
-    * ``bf16``: ``"auto"`` means bf16 where ``bf16_available``. It runs as DeepSpeed's
-      ``torch_autocast`` (bf16 compute; fp32 weights, gradients and optimizer state) rather
-      than DeepSpeed's bf16 mode, which keeps bf16 weights: those would make HittER's 1vsAll
-      scores bf16 (many ties among 14k entities) and hide fp32 gradients from clipping.
+    * ``bf16``: ``"auto"`` means bf16 where ``bf16_available`` (the trainers pass their
+      ``train.precision`` resolved on the device, :mod:`hitter_core.precision`). It runs as
+      DeepSpeed's ``torch_autocast`` (bf16 compute; fp32 weights, gradients and optimizer
+      state) rather than DeepSpeed's bf16 mode, which keeps bf16 weights: those would make
+      HittER's 1vsAll scores bf16 (many ties among 14k entities) and hide fp32 gradients from
+      clipping.
     """
     path = Path(path) if path is not None else DEFAULT_DS_CONFIG
     ds = json.loads(path.read_text(encoding="utf-8"))

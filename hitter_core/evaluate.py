@@ -11,6 +11,10 @@ Command line::
 
     python -m hitter_core.evaluate CHECKPOINT --split test --data-dir DIR --output metrics.json
         [--batch-size N] [--no-keep-freed-memory]
+    python -m hitter_core.evaluate --baseline frequency --dataset fb15k-237 [--split test ...]
+
+``--baseline frequency`` ranks by relation frequency, with nothing learned
+(``hitter_core.baselines``): the floor to read a checkpoint's MRR against.
 
 ``--batch-size`` defaults to the checkpoint's ``train.eval_batch_size`` (its
 ``run_config.yaml``). On CPU the command keeps freed memory in the process
@@ -30,6 +34,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from hitter_core.baselines import BASELINES, RelationFrequencyScorer
 from hitter_core.checkpoint import load_hitter
 from hitter_core.cli import run_cli
 from hitter_core.config import RUN_CONFIG_NAME, TrainConfig
@@ -230,7 +235,8 @@ def evaluate_checkpoint(
     """Evaluate a saved model; ``load`` (default ``load_checkpoint_scorer``) builds the scorer,
     ``batch_size`` defaults to :func:`eval_batch_size`."""
     load = load or load_checkpoint_scorer
-    batch_size = batch_size or eval_batch_size(checkpoint)
+    batch_size = batch_size or (eval_batch_size(checkpoint) if Path(checkpoint).is_dir()
+                                else TrainConfig.eval_batch_size)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     scorer, kg = load(checkpoint, data_dir, torch.device(device))
     metrics = evaluate(
@@ -250,7 +256,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prog="python -m hitter_core.evaluate",
         description="Filtered link-prediction evaluation (MRR, Hits@1/3/10, both directions).",
     )
-    parser.add_argument("checkpoint", help="model directory written by save_pretrained")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="model directory written by save_pretrained")
+    parser.add_argument("--baseline", choices=BASELINES, default=None,
+                        help="evaluate a baseline with nothing learned instead of a checkpoint "
+                             "(frequency: rank entities by how often they answer the relation "
+                             "in train); needs --dataset")
+    parser.add_argument("--dataset", default=None,
+                        help="the graph of --baseline: a folder of the data root "
+                             "(fb15k-237, wn18rr)")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="data root (default $KGQA_DATA_DIR)"
@@ -269,17 +283,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true")
     add_memory_argument(parser)
     args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.baseline is None):
+        parser.error("give either a CHECKPOINT or --baseline")
+    if args.baseline is not None and args.dataset is None:
+        parser.error("--baseline needs --dataset (e.g. fb15k-237)")
+    if args.dataset is not None and args.baseline is None:
+        parser.error("--dataset is for --baseline; a checkpoint names its own graph")
     if torch.device(args.device).type == "cpu" and not args.no_keep_freed_memory:
         keep_freed_memory()
 
+    load = None
+    if args.baseline is not None:
+        def load(_name: str, data_dir: Path, _device: torch.device):
+            kg = load_kg(Path(data_dir) / args.dataset)
+            return RelationFrequencyScorer(kg), kg
+
     metrics = evaluate_checkpoint(
-        args.checkpoint,
+        args.checkpoint or f"baseline:{args.baseline}",
         split=args.split,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         device=args.device,
         filter_splits=args.filter_splits,
         progress=not args.no_progress,
+        load=load,
     )
     print(f"{metrics['dataset']} {args.split} (filtered with {'+'.join(args.filter_splits)})")
     print(format_table(metrics, per_relation=args.per_relation))

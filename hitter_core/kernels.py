@@ -6,15 +6,25 @@ on CPU the faster versions of :mod:`hitter_core.cpu_kernels` (:data:`CPU`), whic
 same functions (the tests compare them with torch's).
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hitter_core import cpu_kernels
 
 MAX_SDPA_BATCH = 65_535  # rows per scaled_dot_product_attention call (sdpa_attention)
+
+# The SDPA backends CUDA may use, by choice: flash (no mask) and memory-efficient attention
+# (boolean key masks), math as the last resort. cuDNN's attention is left out: it builds an
+# execution plan on the host for every new shape, 200 ms of host time a step against 66 ms of
+# GPU work in the first GPU suite (bench/gpu/README.md); bench/train_speed.py --sdpa-backend
+# compares. None: torch's own choice.
+CUDA_SDPA_BACKENDS: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,8 @@ def sdpa_attention(
     Batches of more than :data:`MAX_SDPA_BATCH` rows run in chunks: CUDA's flash and
     memory-efficient kernels launch one block per row in a grid dimension capped at 65,535
     (pytorch/pytorch#146704), and the entity Transformer's batch is the number of distinct
-    (entity, relation) pairs, about 24.5k at the paper's batch of 512, more at larger ones."""
+    (entity, relation) pairs, about 24.5k at the paper's batch of 512, more at larger ones.
+    On CUDA the backends are :data:`CUDA_SDPA_BACKENDS`."""
     if q.shape[0] > MAX_SDPA_BATCH:
         chunks = [
             sdpa_attention(q[i : i + MAX_SDPA_BATCH], kv[i : i + MAX_SDPA_BATCH],
@@ -51,7 +62,9 @@ def sdpa_attention(
         ]
         return torch.cat(chunks)
     q, k, v = q.transpose(1, 2), *kv.permute(2, 0, 3, 1, 4)  # (B, H, L*, d) each
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+    backends = CUDA_SDPA_BACKENDS if q.is_cuda else None
+    with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     return a.transpose(1, 2)  # (B, Lq, H, d)
 
 
@@ -74,5 +87,11 @@ CPU = Kernels(
 
 
 def kernels_for(device: torch.device) -> Kernels:
-    """:data:`CPU` for a CPU device, :data:`STANDARD` otherwise."""
-    return CPU if device.type == "cpu" else STANDARD
+    """:data:`CPU` for a CPU device, :data:`STANDARD` otherwise and inside code that
+    ``torch.compile`` traces: the CPU versions are autograd Functions with hand-written
+    backwards that keep tensors outside ``save_for_backward`` and write gradients in place,
+    which AOTAutograd cannot trace (torch 2.13 failed in the backward with "setStorage ... out
+    of bounds"), and a compiler fuses the standard ops anyway."""
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return CPU
+    return STANDARD

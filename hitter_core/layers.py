@@ -31,7 +31,8 @@ class Packing(NamedTuple):
     key_mask: torch.Tensor | None  # (B, 1, 1, L) bool, True = real key; None: no padding
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
-        """(T, C) -> (B, L, C), zeros at padding."""
+        """(T, C) -> (B, L, C), zeros at padding. Rows added to reach a bucket size
+        (:func:`bucket_size`) sit at padding positions, whose keys the mask hides."""
         B, L, C = self.batch, self.length, t.shape[-1]
         if self.positions is None:
             return t.view(B, L, C)
@@ -41,6 +42,17 @@ class Packing(NamedTuple):
         """(B, L, C) -> (T, C)."""
         t = t.reshape(self.batch * self.length, t.shape[-1])
         return t if self.positions is None else t[self.positions]
+
+
+def bucket_size(n: int, per_octave: int) -> int:
+    """The padded size of ``n`` rows when each octave (2^k, 2^(k+1)] is cut into
+    ``per_octave`` equal steps: ``n`` rounded up to a multiple of 2^k / per_octave (at most
+    1 / per_octave more rows). Sizes up to 2 * per_octave, and any size when ``per_octave`` is
+    0, stay as they are. For 8: 5,300 -> 5,632; 24,500 -> 24,576."""
+    if per_octave <= 0 or n <= 2 * per_octave:
+        return n
+    step = max(1, (1 << ((n - 1).bit_length() - 1)) // per_octave)
+    return -(-n // step) * step
 
 
 class PostLNLayer(nn.Module):

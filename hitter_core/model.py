@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput
 
 from hitter_core.config import HittERConfig
 from hitter_core.kernels import kernels_for
-from hitter_core.layers import Packing, PostLNLayer
+from hitter_core.layers import Packing, PostLNLayer, bucket_size
 
 # Token-type ids of the context Transformer (REFERENCE.md "Encoder").
 GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2  # = the column, capped at 2
@@ -264,11 +264,14 @@ class HittER(PreTrainedModel):
             unique_pos = positions[first]  # (U,) flat position of each distinct pair
         else:
             inverse, unique_pos = None, positions
-        row, col = unique_pos // (1 + N), unique_pos % (1 + N)  # (U,)
+        U = len(unique_pos)
+        # Static shapes: repeat the first pair up to the bucket size; the copies are dropped.
+        unique_pos = pad_rows(unique_pos, bucket_size(U, self.config.shape_buckets))  # (Ub,)
+        row, col = unique_pos // (1 + N), unique_pos % (1 + N)  # (Ub,)
         ent_vec = torch.where(
             (col == 0)[:, None], src_vec[row], self.entity_embeddings(ents.flatten()[unique_pos])
-        )  # (U, D)
-        pair_out = self._encode_pairs(ent_vec, rels.flatten()[unique_pos], input_dropout)
+        )  # (Ub, D)
+        pair_out = self._encode_pairs(ent_vec, rels.flatten()[unique_pos], input_dropout)[:U]
         if inverse is not None:
             pair_out = pair_out[inverse]  # (P, D)
 
@@ -276,14 +279,21 @@ class HittER(PreTrainedModel):
         # T = B + P real tokens packed in row-major order: GCLS of a row, then its pairs.
         mask = torch.cat((torch.ones_like(real[:, :1]), real), dim=1)  # (B, 2+N)
         ctx_pos = mask.flatten().nonzero().squeeze(1)  # (T,) into B*(2+N)
+        T = len(ctx_pos)
+        # Static shapes: Tb - T more tokens at padding positions (masked as keys, never read).
+        Tb = min(bucket_size(T, self.config.shape_buckets), mask.numel())
+        if Tb > T:
+            spare = (~mask).flatten().nonzero().squeeze(1)[: Tb - T]
+            ctx_pos = torch.cat((ctx_pos, spare))  # (Tb,)
         row_starts = torch.cumsum(mask.sum(1), 0) - mask.sum(1)  # (B,) packed GCLS index
-        is_pair = torch.ones(len(ctx_pos), dtype=torch.bool, device=device)
+        is_pair = torch.zeros(Tb, dtype=torch.bool, device=device)
+        is_pair[:T] = True
         is_pair[row_starts] = False
-        x = pair_out.new_zeros(len(ctx_pos), D).index_copy(
+        x = pair_out.new_zeros(Tb, D).index_copy(
             0, row_starts, self.gcls_vector.expand(B, D).to(pair_out.dtype)
-        ).index_copy(0, is_pair.nonzero().squeeze(1), pair_out)  # (T, D)
+        ).index_copy(0, is_pair.nonzero().squeeze(1), pair_out)  # (Tb, D)
         type_ids = (ctx_pos % (2 + N)).clamp(max=NEIGHBOUR_TYPE)  # column 0 GCLS, 1 source
-        x = x + self.type_embeddings(type_ids)  # (T, D)
+        x = x + self.type_embeddings(type_ids)  # (Tb, D)
         x = kernels_for(device).dropout(x, self.config.hidden_dropout, self.training)
         x = self.context_norm(x)
         packing = Packing(B, 2 + N, ctx_pos, row_starts, mask[:, None, None, :])
@@ -297,11 +307,18 @@ class HittER(PreTrainedModel):
             head = head.view(B, head_positions, D)
         if hidden_states:
             layers.append(self.context_layers[-1](x, packing))
-            hidden = [packing.pad(h) for h in layers]  # (B, 2+N, D) each
+            hidden = [packing.pad(h).masked_fill_(~mask[..., None], 0.0)
+                      for h in layers]  # (B, 2+N, D) each, zeros at padding
             if head is not None:
                 hidden[-1] = torch.cat((head, hidden[-1][:, head_positions:]), dim=1)
             hidden = tuple(hidden)
         return hidden, head, mask, selected
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, ...) -> (rows, ...): ``t`` followed by copies of its first row (rows >= n >= 1)."""
+    extra = rows - len(t)
+    return t if extra <= 0 else torch.cat((t, t[:1].expand(extra, *t.shape[1:])))
 
 
 def score_entities(queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -331,7 +348,8 @@ class HittERScorer:
             kwargs = {}
             if model.config.use_context:
                 nb = self.neighbour_index.gather(
-                    sources, model.config.max_neighbours, train=False
+                    sources, model.config.max_neighbours, train=False,
+                    full_width=model.config.shape_buckets > 0,
                 )
                 kwargs = dict(
                     nbr_entities=nb.entities.to(device),

@@ -260,6 +260,7 @@ class NeighbourIndex:
         exclude_relation: torch.Tensor | None = None,
         drop: float = 0.0,
         generator: torch.Generator | None = None,
+        full_width: bool = False,
     ) -> Neighbours:
         """Neighbourhoods of a batch of (B,) sources, on the index's device.
 
@@ -271,8 +272,9 @@ class NeighbourIndex:
         ``drop``. Kept tokens are moved to the front of each row.
 
         The width N is the largest number of kept tokens in the batch (<= max_neighbours; 0
-        if no source has any), so it varies between batches. ``generator`` must live on the
-        index's device (see :meth:`to`).
+        if no source has any), so it varies between batches; with ``full_width`` it is always
+        ``max_neighbours`` (static shapes, ``HittERConfig.shape_buckets``). ``generator`` must
+        live on the index's device (see :meth:`to`).
         """
         if max_neighbours < 0:
             raise ValueError(f"max_neighbours must be >= 0, got {max_neighbours}")
@@ -315,7 +317,7 @@ class NeighbourIndex:
             entities, relations = entities.gather(1, order), relations.gather(1, order)
             counts = mask.sum(1)
 
-        n = int(counts.max()) if B else 0
+        n = max_neighbours if full_width else int(counts.max()) if B else 0
         mask = mask[:, :n]
         entities = entities[:, :n].masked_fill(~mask, 0)  # (B, N)
         relations = relations[:, :n].masked_fill(~mask, 0)

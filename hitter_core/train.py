@@ -11,10 +11,10 @@ clipping (``hitter_core.optim``). Every ``validate_every`` epochs the filtered v
 stopping; at the end the best model is tested (``hitter_core.evaluate``).
 
 The loop runs on a DeepSpeed engine configured by ``ds_config.json`` (ZeRO stage 0, i.e.
-data parallel; bf16 autocast on CUDA), so one process, several GPUs, several nodes and CPU
-processes (gloo) run this same code; without a launcher the process forms a world of one.
-``train.batch_size`` is per process (DeepSpeed's micro batch): W processes take W times as
-many triples per step.
+data parallel; bf16 autocast as ``train.precision`` resolves, ``hitter_core.precision``), so
+one process, several GPUs, several nodes and CPU processes (gloo) run this same code; without
+a launcher the process forms a world of one. ``train.batch_size`` is per process (DeepSpeed's
+micro batch): W processes take W times as many triples per step.
 
 * Data order: epoch e visits a permutation seeded by (seed, e); process k of W takes the k-th
   of W equal slices. Before step s every process seeds torch with (seed, s, k), so sampling,
@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch, step_seed
 from hitter_core.checkpoint import (
+    LogWindow,
     MetricsLogger,
     TrainState,
     clean_run_dir,
@@ -86,6 +87,7 @@ from hitter_core.faults import crash_point
 from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_, linear_schedule
+from hitter_core.precision import resolve_precision
 from hitter_core.ranking import FilterIndex
 
 logger = logging.getLogger(__name__)
@@ -147,10 +149,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = HittER(model_config)
         optimizer = build_optimizer(model, cfg)
+        self.precision = resolve_precision(cfg.precision, device)
         self.engine = initialize_engine(
             model, optimizer, linear_schedule(optimizer, self.total_steps, cfg.warmup_ratio),
             ds_config, micro_batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
-            engine_clips=not cfg.clip_per_tensor,
+            engine_clips=not cfg.clip_per_tensor, bf16_available=self.precision == "bf16",
         )
         self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
         self.ds_config = self.engine.config
@@ -163,6 +166,7 @@ class Trainer:
         self.train_triples = kg.train.to(self.device)
 
         self.state = TrainState()
+        self._clock: float | None = None  # perf_counter when training time last resumed
         if last is not None:
             last, self.state = load_latest_checkpoint(
                 self.last_dir, self.model, self.optimizer, self.scheduler, self.layout)
@@ -178,9 +182,10 @@ class Trainer:
             self.metrics.truncate_after(self.state.step)
             logger.info(
                 "%s; %d processes x %d triples per step, %d steps per epoch, %d steps; "
-                "%s parameters on %s",
+                "%s parameters on %s, %s",
                 kg, self.world_size, cfg.batch_size, self.steps_per_epoch, self.total_steps,
                 f"{sum(p.numel() for p in self.model.parameters()):,}", self.device,
+                self.precision,
             )
 
     # ------------------------------------------------------------------ training
@@ -197,7 +202,8 @@ class Trainer:
             mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
         self.engine.train()
-        window = _Window()
+        self._clock = time.perf_counter()  # st.train_seconds counts from here (validate)
+        window, shown_loss = LogWindow(), "-"
         for epoch in range(st.step // spe, cfg.max_epochs):
             if st.step >= self.total_steps or st.stopped_early:
                 break
@@ -209,18 +215,21 @@ class Trainer:
                 stats = self._step(indices)
                 window.add(stats, len(indices) * self.world_size)
                 bar.update(1)
+                # The loss shown is the last logged window's: reading it every step would
+                # make the host wait for the device (a GPU step would lose its overlap).
                 bar.set_postfix(
-                    epoch=epoch + 1, loss=f"{float(stats['loss']):.4f}",
-                    lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    epoch=epoch + 1, loss=shown_loss, lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                     triples_s=f"{window.rate():.0f}", refresh=False,
                 )
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps:
-                    self._log({"epoch": st.step / spe, **window.pop(),
+                    logged = window.pop()
+                    shown_loss = f"{logged['loss']:.4f}"
+                    self._log({"epoch": st.step / spe, **logged,
                                "lr": self.scheduler.get_last_lr()[0]})
                 validated = st.step % spe == 0 and (st.step // spe) % cfg.validate_every == 0
                 if validated:
                     self.validate()
-                    window = _Window()
+                    window = LogWindow()
                 if validated or (cfg.save_every and st.step % cfg.save_every == 0):
                     self.save_last()
                 if on_step is not None:
@@ -250,9 +259,13 @@ class Trainer:
 
     def validate(self) -> None:
         """Valid MRR on process 0; keeps ``best``, counts validations without improvement
-        and sets ``stopped_early`` on every process after ``patience`` of them."""
+        and sets ``stopped_early`` on every process after ``patience`` of them. The valid
+        record of ``metrics.jsonl`` carries ``train_seconds``, the training time so far
+        (validation excluded, checkpoint saves included): time to quality."""
         st, cfg = self.state, self.train_config
         st.validated_step = st.step
+        if self._clock is not None:  # in fit: the training time up to here
+            st.train_seconds += time.perf_counter() - self._clock
         stop = torch.zeros(1, device=self.device)
         if self.rank == 0:
             metrics = self._evaluate(self.model, "valid")
@@ -267,7 +280,8 @@ class Trainer:
                 st.bad_validations += 1
             self._log({"epoch": st.step / self.steps_per_epoch,
                        **{f"valid_{k}": v for k, v in metrics["both"].items()},
-                       "best_valid_mrr": st.best_mrr}, prefix="valid/")
+                       "best_valid_mrr": st.best_mrr, "train_seconds": st.train_seconds},
+                      prefix="valid/")
             logger.info("step %d: valid MRR %.4f (best %.4f at step %d)%s", st.step, mrr,
                         st.best_mrr, st.best_step, "" if improved else
                         f", {st.bad_validations}/{cfg.patience} without improvement")
@@ -276,6 +290,7 @@ class Trainer:
         st.stopped_early = bool(stop.item())
         if st.stopped_early and self.rank == 0:
             logger.info("early stopping at step %d", st.step)
+        self._clock = time.perf_counter()
 
     def save_last(self) -> None:
         if self.rank == 0:
@@ -312,28 +327,6 @@ class Trainer:
             print(table, flush=True)
         dist.barrier()
         return metrics
-
-
-class _Window:
-    """Running means of the logged losses and the throughput since the last log."""
-
-    def __init__(self) -> None:
-        self.start, self.steps, self.triples = time.perf_counter(), 0, 0
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, stats: dict[str, torch.Tensor], triples: int) -> None:
-        self.steps, self.triples = self.steps + 1, self.triples + triples
-        for key, value in stats.items():
-            self.sums[key] = self.sums.get(key, 0) + value
-
-    def rate(self) -> float:
-        return self.triples / max(time.perf_counter() - self.start, 1e-9)
-
-    def pop(self) -> dict[str, float]:
-        out = {k: float(v) / self.steps for k, v in self.sums.items()}
-        out["triples_per_s"] = self.rate()
-        self.__init__()
-        return out
 
 
 def train(

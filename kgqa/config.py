@@ -142,6 +142,8 @@ class QATrainConfig:
     max_train_examples: int | None = None  # smoke runs: the first n train questions only
     max_eval_examples: int | None = None  # smoke runs: the first n dev / test questions only
     zero_stage: int = 0  # DeepSpeed ZeRO stage (ds_config.json); 0-2 supported
+    # bf16 autocast where the device has native bf16, else fp32 (as stage 1: hitter_core.precision)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Control: every question gets another question's topic entity (a seeded derangement
     # within each split), so its KG input belongs to some other question.
     shuffle_topics: bool = False

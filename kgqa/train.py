@@ -58,6 +58,7 @@ from hitter_core.distributed import init_distributed, initialize_engine
 from hitter_core.faults import crash_point
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
+from hitter_core.precision import resolve_precision
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
 from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, remove_last, save_last
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
@@ -106,16 +107,18 @@ def optimizer_groups(
 
 def build_engine(
     model: KGEnhancedLM, train: QATrainConfig, total_steps: int, fresh: Set[str] = frozenset(),
-    ds_config: str | Path | None = None,
+    ds_config: str | Path | None = None, device: torch.device | str = "cpu",
 ) -> Any:
     """DeepSpeed engine over AdamW (:func:`optimizer_groups`) and the linear warm-up / decay
-    schedule; the engine clips gradients (global norm) and steps the schedule."""
+    schedule; the engine clips gradients (global norm) and steps the schedule, and autocasts
+    the forward to bf16 where ``train.precision`` resolves to it on ``device``."""
     optimizer = torch.optim.AdamW(optimizer_groups(model, train, fresh), lr=train.lr_adapters,
                                   fused=True)
     return initialize_engine(
         model, optimizer, linear_schedule(optimizer, total_steps, train.warmup_ratio), ds_config,
         micro_batch_size=train.batch_size, max_grad_norm=train.max_grad_norm,
         zero_stage=train.zero_stage, supported_zero_stages=(0, 1, 2),  # 3 shards weights
+        bf16_available=resolve_precision(train.precision, device) == "bf16",
     )
 
 
@@ -173,7 +176,7 @@ class Trainer:
         self.train_loader = self.loader("train", cfg.batch_size, sampler)
         self.dev_loader = self.loader("dev", cfg.eval_batch_size)
         total_steps = cfg.epochs * len(self.train_loader)
-        self.engine = build_engine(self.model, cfg, total_steps, fresh, ds_config)
+        self.engine = build_engine(self.model, cfg, total_steps, fresh, ds_config, self.device)
         self.device = self.engine.device
         self.state = QATrainState()
         if resume:

@@ -17,6 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
+from hitter_core import precision
 from hitter_core.config import ConfigError, HittERConfig, load_sections
 from hitter_core.distributed import init_distributed
 from hitter_core.model import HittER
@@ -79,10 +80,16 @@ def captured_engine(monkeypatch, model, train, total_steps, fresh=frozenset()):
 
 def test_ds_config_values_come_from_the_train_config(monkeypatch, minilm):
     model, fresh = minilm
-    train = QATrainConfig(batch_size=8, max_grad_norm=0.5, zero_stage=2)
+    train = QATrainConfig(batch_size=8, max_grad_norm=0.5, zero_stage=2, precision="fp32")
     seen = captured_engine(monkeypatch, model, train, 10, fresh)
     assert seen["kwargs"] == {"micro_batch_size": 8, "max_grad_norm": 0.5, "zero_stage": 2,
-                              "supported_zero_stages": (0, 1, 2)}
+                              "supported_zero_stages": (0, 1, 2), "bf16_available": False}
+    # train.precision reaches DeepSpeed's autocast: auto follows the device's native bf16.
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    train.precision = "auto"
+    assert captured_engine(monkeypatch, model, train, 10, fresh)["kwargs"]["bf16_available"]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert not captured_engine(monkeypatch, model, train, 10, fresh)["kwargs"]["bf16_available"]
     with pytest.raises(StrictDataclassError, match="zero_stage"):
         QATrainConfig(zero_stage=3)
 

@@ -331,12 +331,12 @@ def test_scorer_gathers_eval_neighbourhoods():
     calls = []
 
     class FakeIndex:
-        def gather(self, sources, max_neighbours, train=False):
-            calls.append((max_neighbours, train))
+        def gather(self, sources, max_neighbours, train=False, full_width=False):
+            calls.append((max_neighbours, train, full_width))
             return types.SimpleNamespace(entities=ne, relations=nr, mask=nm)
 
     scores = HittERScorer(model, FakeIndex())(s, r)
-    assert calls == [(model.config.max_neighbours, False)]
+    assert calls == [(model.config.max_neighbours, False, model.config.shape_buckets > 0)]
     assert model.training  # the scorer restores the mode it found
     with torch.no_grad():
         torch.testing.assert_close(scores, model.eval()(s, r, ne, nr, nm).scores)

@@ -241,9 +241,13 @@ def test_resolve_ds_config_fills_auto_values(tmp_path, caplog):
 
 
 def test_initialize_engine_hands_deepspeed_our_pieces(monkeypatch):
-    """The engine builder's plumbing, without building an engine."""
+    """The engine builder's plumbing, without building an engine; "auto" bf16 in the file
+    follows the device's native bf16 unless the caller says (the trainers do)."""
     import deepspeed
 
+    from hitter_core import distributed
+
+    monkeypatch.setattr(distributed, "native_bf16", lambda device: False)
     seen = {}
 
     def fake_initialize(**kwargs):
@@ -260,7 +264,13 @@ def test_initialize_engine_hands_deepspeed_our_pieces(monkeypatch):
     assert seen["optimizer"] is optimizer and seen["lr_scheduler"] is schedule
     ds = seen["config"]
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_clipping"] == 0.0
-    assert ds["bf16"] == {"enabled": False} and "torch_autocast" not in ds  # CPU: no bf16
+    assert ds["bf16"] == {"enabled": False} and "torch_autocast" not in ds  # no native bf16
+    monkeypatch.setattr(distributed, "native_bf16", lambda device: True)
+    initialize_engine(model, optimizer, schedule, None, micro_batch_size=4, max_grad_norm=0.5)
+    assert seen["config"]["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    initialize_engine(model, optimizer, schedule, None, micro_batch_size=4, max_grad_norm=0.5,
+                      bf16_available=False)  # train.precision=fp32
+    assert "torch_autocast" not in seen["config"]
 
 
 # ---------------------------------------------------------------------------- engine and resume
@@ -393,6 +403,11 @@ def test_patience_zero_never_stops(tmp_path, one_thread):
     trainer._evaluate = lambda model, split: {"both": {"mrr": next(mrrs)}}
     state = trainer.fit()
     assert (state.step, state.best_step, state.stopped_early) == (20, 5, False)
+    # Time to quality: each validation records the training time so far, validation excluded.
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    seconds = [r["train_seconds"] for r in records if "valid_mrr" in r]
+    assert len(seconds) == 4 and 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3]
+    assert seconds[-1] == state.train_seconds
 
 
 @pytest.mark.realdata

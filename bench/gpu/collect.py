@@ -3,9 +3,9 @@
     python bench/gpu/collect.py WORK_DIR --out DIR [--dry-run 0|1]
 
 WORK_DIR holds steps.tsv (name, rc, seconds per step) and the files the steps wrote:
-speed-{fp32,bf16,bf16-nocudnn,compiled}.json (bench/train_speed.py --json), runs/<dataset>/
-(test_metrics.json, metrics.jsonl), eval-fb15k-237.json and runs/qa-smoke/metrics.json. A
-missing file leaves its figure out; every step's rc and seconds are always there.
+speed-{bf16,fp32,compiled,bf16-cudnn}.json (bench/train_speed.py --json), ttq-fb15k-237.json
+(bench/time_to_quality.py --json) and runs/qa-smoke/metrics.json. A missing file leaves its
+figure out; every step's rc and seconds are always there.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SPEED_VARIANTS = ("fp32", "bf16", "bf16-nocudnn", "compiled")  # bench/gpu/suite.sh's speed-* steps
+SPEED_VARIANTS = ("fp32", "bf16", "compiled", "bf16-cudnn")  # bench/gpu/suite.sh's speed-* steps
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -23,19 +23,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def last_epoch(metrics_jsonl: Path) -> float | None:
-    """The epoch count of the last training record of a hitter_core run."""
-    epoch = None
-    try:
-        for line in metrics_jsonl.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if "loss" in record and "epoch" in record:
-                epoch = record["epoch"]
-    except (OSError, ValueError):
-        return None
-    return epoch
 
 
 def collect(work: Path, dry_run: bool) -> dict[str, Any]:
@@ -49,22 +36,15 @@ def collect(work: Path, dry_run: bool) -> dict[str, Any]:
         if speed:
             results[f"speed_{variant}"] = speed
             results.setdefault("device", speed["device"])
-    for dataset in ("wn18rr", "fb15k-237"):
-        run = work / "runs" / dataset
-        test = read_json(run / "test_metrics.json")
-        if test:
-            both = test["both"]
-            results[f"train_{dataset}"] = {
-                "test_mrr": both["mrr"], "test_hits@1": both["hits@1"],
-                "test_hits@10": both["hits@10"], "steps": test.get("best_step"),
-                "epochs": last_epoch(run / "metrics.jsonl"),
-                "seconds": results["steps"].get(f"train-{dataset}", {}).get("seconds"),
-            }
-    evaluation = read_json(work / "eval-fb15k-237.json")
-    if evaluation:
-        results["eval_fb15k-237"] = {
-            "test_mrr": evaluation["both"]["mrr"],
-            "seconds_with_load": results["steps"].get("eval-fb15k-237", {}).get("seconds"),
+    ttq = read_json(work / "ttq-fb15k-237.json")
+    if ttq:
+        curve = ttq[0]
+        last = curve["validations"][-1]
+        results["ttq_fb15k-237"] = {
+            "precision": curve["precision"], "epochs": last["epoch"],
+            "train_seconds": last["train_seconds"], "wall_seconds": curve.get("wall_seconds"),
+            "validations": curve["validations"], "test": curve["test"],
+            "frequency_baseline": curve.get("frequency_baseline"),
         }
     qa = read_json(work / "runs" / "qa-smoke" / "metrics.json")
     if qa:
@@ -83,22 +63,25 @@ def summary(results: dict[str, Any]) -> str:
     speeds = [(v, results[f"speed_{v}"]) for v in SPEED_VARIANTS
               if f"speed_{v}" in results]
     if speeds:
-        lines += ["", "| training | triples/s | s per epoch | peak memory | test eval s |",
-                  "|---|---:|---:|---|---:|"]
+        lines += ["", "| training | triples/s | s per epoch | warm-up s (compile) | distinct "
+                  "shapes | peak memory | test eval s |", "|---|---:|---:|---:|---|---|---:|"]
         for v, s in speeds:
+            shapes = (f"{s['distinct_shapes']} in {s['shape_batches']} batches"
+                      if "distinct_shapes" in s else "")
             lines.append(f"| {v} (batch {s['batch_size']}) | {s['triples_per_s']:,.0f} | "
-                         f"{s['epoch_s']:.1f} | {s['peak_memory']} | {s['test_eval_s']:.1f} |")
-    for dataset in ("wn18rr", "fb15k-237"):
-        t = results.get(f"train_{dataset}")
-        if t:
-            lines.append(f"\n{dataset}: test MRR {t['test_mrr']:.4f} (H@1 {t['test_hits@1']:.3f}, "
-                         f"H@10 {t['test_hits@10']:.3f}) after {t['steps']} steps "
-                         f"({t['epochs'] or 0:.2f} epochs) in {t['seconds'] or 0:.0f} s "
-                         f"with the test evaluation")
-    e = results.get("eval_fb15k-237")
-    if e:
-        lines.append(f"\nfull filtered FB15K-237 test evaluation: {e['seconds_with_load']:.0f} s "
-                     f"(process start and loading included), MRR {e['test_mrr']:.4f}")
+                         f"{s['epoch_s']:.1f} | {s['warmup_s']:.1f} | {shapes} | "
+                         f"{s['peak_memory']} | {s['test_eval_s']:.1f} |")
+    t = results.get("ttq_fb15k-237")
+    if t:
+        curve = ", ".join(f"{v['valid_mrr']:.4f} at {v['train_seconds']:.0f} s"
+                          for v in t["validations"])
+        test = t["test"] or {}
+        floor = t.get("frequency_baseline") or {}
+        lines.append(f"\ntime to quality, FB15K-237 paper config ({t['precision']}): "
+                     f"{t['epochs']:.1f} epochs in {t['train_seconds']:.0f} s of training; valid "
+                     f"MRR {curve}; test MRR {test.get('mrr', float('nan')):.4f} (H@10 "
+                     f"{test.get('hits@10', float('nan')):.3f}); relation-frequency baseline "
+                     f"{floor.get('test', float('nan')):.4f}")
     qa = results.get("qa_smoke")
     if qa:
         dev, test = qa["dev"]["accuracy"], qa["test"]["accuracy"]

@@ -8,20 +8,21 @@
 #                                         # summary.md, logs.tar.gz (every step's log)
 #   bash bench/gpu/suite.sh --cpu-dry-run # the same steps on CPU with tiny budgets (CI runs it)
 #
-# Steps (name: what, time limit on the GPU; the whole suite stops starting steps at 530 s):
-#   env          versions, the GPU (nvidia-smi)                                        30 s
-#   gpu-tests    pytest -m gpu (tests/test_gpu.py, the CUDA resume test, ...)          120 s
-#   speed-*      bench/train_speed.py at the paper config, batch 512: fp32, bf16 (with a
-#                one-step profile), bf16 without cuDNN's SDPA (profiled; the first suite saw
-#                cuDNN attention plan on the host for every packed shape), bf16 +
-#                torch.compile; s per epoch, peak memory, full filtered test
-#                evaluation time                                        60 / 60 / 60 / 90 s
-#   train-wn18rr / train-fb15k-237   the paper config for about 60 s of steps each (sized
-#                from the bf16 step time), then valid + test: MRR and epochs done      2 x 120 s
-#   eval-fb15k-237  python -m hitter_core.evaluate on that checkpoint: full filtered test 45 s
+# Steps (name: what, time limit on the GPU; the whole suite stops starting steps at 570 s):
+#   env          versions, the GPU (nvidia-smi)                                        20 s
+#   speed-*      bench/train_speed.py at the paper config, batch 512: bf16 (the trainer's
+#                default there: train.precision auto; one-step profile, distinct input shapes
+#                over 200 batches), fp32; s per epoch, peak memory, test evaluation time
+#                                                                                 45 / 45 s
+#   ttq-fb15k-237  bench/time_to_quality.py: the paper config for 5 minutes of training in the
+#                fastest eager mode (steps sized from the faster speed step), validated every
+#                5 epochs, then tested: epochs done, valid MRR against time, test MRR    330 s
+#   gpu-tests    pytest -m gpu (tests/test_gpu.py, the CUDA resume test, ...)          60 s
+#   speed-compiled  bf16 + torch.compile over the static shapes (compile time = warm-up)  60 s
+#   speed-bf16-cudnn  bf16 with torch's own SDPA choice (cuDNN's attention allowed)       45 s
 #   qa-smoke     kgqa.train: MiniLM (bf16 weights from .gpu), WebQSP filtered, one epoch,
-#                co-trained HittER read by the copy head with name keys (the recommended
-#                recipe) from the FB15K-237 checkpoint, bf16 through DeepSpeed          100 s
+#                co-trained HittER read by the copy head with name keys, from the ttq step's
+#                FB15K-237 checkpoint, bf16 through DeepSpeed                             60 s
 # A failed or timed-out step is recorded (results.json: rc, seconds) and the suite goes on.
 # Options: --cpu-dry-run, --only STEP[,STEP] (names as above; speed = every speed step).
 set -uo pipefail
@@ -33,7 +34,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu-dry-run) dry=1; shift ;;
     --only) only="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "suite.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,12 +77,13 @@ fi
 
 if [[ $dry == 0 ]]; then
   device=cuda speed_preset=fb15k-237 speed=(--batch-size 512 --steps 20)
-  speed_eval=(--eval-queries 0) t_test=120 t_speed=60 t_train=120 t_eval=45 t_qa=100
-  train_seconds=60 qa_sets=() budget=530
+  speed_eval=(--eval-queries 8192) t_test=60 t_speed=45 t_ttq=330 t_qa=60
+  ttq_seconds=300 ttq_sets=(train.validate_every=5) qa_sets=() budget=570
 else  # tiny budgets: every step runs, none measures anything
   device=cpu speed_preset=cpu-small speed=(--batch-size 16 --steps 2 --warmup 1 --threads 2)
-  speed_eval=(--eval-queries 64) t_test=300 t_speed=120 t_train=300 t_eval=120 t_qa=300
-  train_seconds=0 qa_sets=(train.max_train_examples=32 train.max_eval_examples=16) budget=1200
+  speed_eval=(--eval-queries 64) t_test=300 t_speed=120 t_ttq=300 t_qa=300
+  ttq_seconds=0 ttq_sets=(train.batch_size=32 train.eval_batch_size=256)
+  qa_sets=(train.max_train_examples=32 train.max_eval_examples=16) budget=1200
 fi
 
 # step NAME SECONDS CMD...: run CMD under timeout, its output in logs/NAME.log, one line in
@@ -124,52 +126,50 @@ for p in ('transformers', 'deepspeed', 'datasets', 'evaluate', 'pyarrow', 'huggi
         print(p, 'MISSING')
 PY"
 
+# The step time of a speed variant, from its JSON (no figure: 0.1 s).
+step_seconds() {
+  "$PYTHON" - "$work/speed-$1.json" <<'PY'
+import json, sys
+try:
+    print(json.load(open(sys.argv[1]))["step_s_mean"])
+except (OSError, KeyError, ValueError):
+    print(0.1)
+PY
+}
+speed_step() {  # speed_step VARIANT LIMIT FLAGS...
+  local variant=$1 limit=$2
+  shift 2
+  step "speed-$variant" "$limit" "$PYTHON" bench/train_speed.py --preset "$speed_preset" \
+    --device "$device" "${speed[@]}" "${speed_eval[@]}" "$@" --json "$work/speed-$variant.json"
+}
+
+speed_step bf16 "$t_speed" --bf16 --profile --shape-steps 200
+speed_step fp32 "$t_speed" train.precision=fp32
+
+# Time to quality: ttq_seconds of training in the faster of the two eager modes (the dry run
+# takes 3 steps); max_epochs high so that max_steps ends the schedule.
+fast=bf16 fast_sets=(train.precision=bf16)
+if "$PYTHON" -c "import sys; sys.exit(float(sys.argv[1]) <= float(sys.argv[2]))" \
+    "$(step_seconds bf16)" "$(step_seconds fp32)"; then
+  fast=fp32 fast_sets=(train.precision=fp32)
+fi
+n=$("$PYTHON" -c "import sys; s = float(sys.argv[2]); print(max(3, int(s / float(sys.argv[1]))) if s else 3)" \
+  "$(step_seconds $fast)" "$ttq_seconds")
+ttq_preset=fb15k-237
+[[ $dry == 1 ]] && ttq_preset=cpu-small
+step ttq-fb15k-237 "$t_ttq" "$PYTHON" bench/time_to_quality.py --preset "$ttq_preset" \
+  --output-dir "$work/runs/fb15k-237" --json "$work/ttq-fb15k-237.json" "${fast_sets[@]}" \
+  "${ttq_sets[@]}" train.max_steps="$n" train.max_epochs=100000 train.patience=0 \
+  train.device="$device"
+
 step gpu-tests "$t_test" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/
 
 # On CPU the layers call hitter_core.cpu_kernels, which torch.compile does not trace (torch
 # 2.13: "setStorage ... out of bounds" in the backward): the compiled variant is GPU-only.
-variants=(fp32 bf16 bf16-nocudnn compiled)
-[[ $dry == 1 ]] && variants=(fp32 bf16 bf16-nocudnn)
-for variant in "${variants[@]}"; do
-  flags=()
-  case $variant in
-    bf16) flags=(--bf16 --profile) ;;
-    bf16-nocudnn) flags=(--bf16 --sdpa-backend no-cudnn --profile) ;;
-    compiled) flags=(--bf16 --compile) ;;
-  esac
-  limit=$t_speed
-  [[ $variant == compiled ]] && limit=$((t_speed * 3 / 2))  # compilation
-  step "speed-$variant" "$limit" "$PYTHON" bench/train_speed.py --preset "$speed_preset" \
-    --device "$device" "${speed[@]}" "${speed_eval[@]}" "${flags[@]}" \
-    --json "$work/speed-$variant.json"
-done
-
-# Steps for about train_seconds of training, from the bf16 step time at the paper's FB15K-237
-# config (WN18RR's steps are cheaper: 12 neighbours, not 50); the dry run takes 3 steps.
-steps_for_time() {
-  "$PYTHON" - "$work/speed-bf16.json" "$train_seconds" <<'PY'
-import json, sys
-path, seconds = sys.argv[1], float(sys.argv[2])
-try:
-    step_s = json.load(open(path))["step_s_mean"]
-except (OSError, KeyError, ValueError):
-    step_s = 0.1  # no figure: assume 10 steps a second
-print(max(3, int(seconds / step_s)) if seconds else 3)
-PY
-}
-for dataset in wn18rr fb15k-237; do
-  preset=$dataset sets=()
-  if [[ $dry == 1 ]]; then
-    preset=cpu-small sets=(model.dataset="$dataset" train.batch_size=32 train.eval_batch_size=256)
-  fi
-  n=$(steps_for_time)
-  step "train-$dataset" "$t_train" "$PYTHON" -m hitter_core.train --preset "$preset" \
-    --output-dir "$work/runs/$dataset" "${sets[@]}" train.max_steps="$n" \
-    train.validate_every=1000 train.device="$device"
-done
-
-step eval-fb15k-237 "$t_eval" "$PYTHON" -m hitter_core.evaluate "$work/runs/fb15k-237/best" \
-  --device "$device" --no-progress --output "$work/eval-fb15k-237.json"
+if [[ $dry == 0 ]]; then
+  speed_step compiled $((t_speed * 4 / 3)) --bf16 --compile --eval-queries 1024
+  speed_step bf16-cudnn "$t_speed" --bf16 --sdpa-backend torch --profile
+fi
 
 kg_sets=(model.kg_checkpoint=null)
 if [[ -f $work/runs/fb15k-237/best/config.json ]]; then
@@ -183,8 +183,8 @@ step qa-smoke "$t_qa" "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu \
 
 # --- results: one JSON of every figure, a Markdown summary, the logs -----------------------------
 cp "$steps" "$work/logs/steps.tsv"
-for f in "$work"/speed-*.json "$work"/eval-fb15k-237.json; do [[ -f $f ]] && cp "$f" "$work/logs/"; done
-for d in wn18rr fb15k-237 qa-smoke; do
+for f in "$work"/speed-*.json "$work"/ttq-*.json; do [[ -f $f ]] && cp "$f" "$work/logs/"; done
+for d in fb15k-237 qa-smoke; do
   for f in test_metrics.json metrics.json metrics.jsonl train.log; do
     [[ -f $work/runs/$d/$f ]] && cp "$work/runs/$d/$f" "$work/logs/$d-$f"
   done
