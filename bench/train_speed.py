@@ -21,7 +21,8 @@ glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
         [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE] [--shape-steps N]
-        [--sdpa-backend default|torch|cudnn|flash|efficient|math] [--no-keep-freed-memory]
+        [--sdpa-backend default|torch|cudnn|flash|efficient|math] [--standard-kernels]
+        [--no-keep-freed-memory]
         [model.hidden_size=128 train.lr=0.02 ...]
 
 The precision is the preset's ``train.precision`` (``auto``: bf16 autocast where the device
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the backends CUDA's SDPA may use in training (default: the "
                              "trainer's, hitter_core.kernels.CUDA_SDPA_BACKENDS; torch: torch's "
                              "own choice, cuDNN included)")
+    parser.add_argument("--standard-kernels", action="store_true",
+                        help="torch's own dropout, attention and cross-entropy on CPU too, "
+                             "instead of hitter_core.cpu_kernels (to compare them)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--eval-queries", type=int, default=2048,
                         help="valid queries to time, extrapolated to test; 0: the whole test")
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.standard_kernels:
+        kernels.CPU = kernels.STANDARD  # kernels_for(cpu) hands out torch's ops
     device = torch.device(args.device)
     model_cfg, train_cfg = load_config(args.preset, args.overrides)
     kept = device.type == "cpu" and not args.no_keep_freed_memory and keep_freed_memory()
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     epoch_s = mean * math.ceil(len(kg.train) / batch_size)
     print(f"throughput: {batch_size / mean:,.1f} triples/s (mean), "
           f"{batch_size / best:,.1f} triples/s (best step); {epoch_s:,.1f} s per epoch "
-          f"({precision}{', compiled' if args.compile else ''}, SDPA "
+          f"({precision}{', compiled' if args.compile else ''}"
+          f"{', standard kernels' if args.standard_kernels else ''}, SDPA "
           f"{args.sdpa_backend}; "
           f"warm-up {warmup} steps {warmup_s:.1f} s)")
     steps_per_epoch = math.ceil(len(kg.train) / batch_size)

@@ -27,7 +27,9 @@ off in the no-context model (nothing would be left to recover the source from); 
 Work the outputs do not need is skipped, which changes no result beyond float rounding: the
 context Transformer runs on packed real tokens (``hitter_core.layers``), the last entity layer
 computes only the CLS output, and the last context layer only GCLS (and the source position
-for the MEP loss) unless every hidden state is asked for. Dropout, attention and the
+for the MEP loss) unless every hidden state is asked for. With ``shape_buckets`` (static
+shapes) the packed pair and token counts are padded up to bucket sizes with rows that nothing
+reads, so that an epoch sees a few distinct shapes. Dropout, attention and the
 cross-entropy come from ``kernels_for(device)`` (``hitter_core.kernels``): torch's own ops,
 or their faster CPU equivalents on CPU.
 """
