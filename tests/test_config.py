@@ -22,7 +22,7 @@ from hitter_core.config import (
 )
 from hitter_core.model import HittER
 
-PRESETS = ("fb15k-237", "wn18rr", "cpu-small")
+PRESETS = ("fb15k-237", "wn18rr", "cpu-small", "cpu-long", "cpu-wn18rr")
 
 
 def test_defaults_are_the_paper_fb15k237_run():
