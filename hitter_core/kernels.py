@@ -89,9 +89,9 @@ CPU = Kernels(
 def kernels_for(device: torch.device) -> Kernels:
     """:data:`CPU` for a CPU device, :data:`STANDARD` otherwise and inside code that
     ``torch.compile`` traces: the CPU versions are autograd Functions with hand-written
-    backwards that keep tensors outside ``save_for_backward`` and write gradients in place,
-    which AOTAutograd cannot trace (torch 2.13 failed in the backward with "setStorage ... out
-    of bounds"), and a compiler fuses the standard ops anyway."""
+    backwards that keep tensors outside ``save_for_backward`` and write gradients in place;
+    compiled, torch 2.13 failed in their backward ("setStorage ... out of bounds"), and a
+    compiler fuses the standard ops anyway."""
     if device.type == "cpu" and not torch.compiler.is_compiling():
         return CPU
     return STANDARD
