@@ -21,7 +21,7 @@ glibc's default).
 
     python bench/train_speed.py --preset fb15k-237 --batch-size 64 --threads 2 [--steps 10]
         [--device cpu|cuda] [--bf16] [--compile] [--profile] [--json FILE] [--shape-steps N]
-        [--sdpa-backend default|torch|cudnn|flash|efficient|math] [--standard-kernels]
+        [--sdpa-backend default|torch|flash|efficient|math] [--standard-kernels]
         [--no-keep-freed-memory]
         [model.hidden_size=128 train.lr=0.02 ...]
 
@@ -77,7 +77,6 @@ from hitter_core.ranking import FilterIndex
 SDPA_BACKENDS = {  # --sdpa-backend: the backends scaled_dot_product_attention may pick on CUDA
     "default": kernels.CUDA_SDPA_BACKENDS,  # the trainer's choice
     "torch": None,  # torch's own choice, cuDNN's attention included
-    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "math": [SDPBackend.MATH],

@@ -235,8 +235,7 @@ def evaluate_checkpoint(
     """Evaluate a saved model; ``load`` (default ``load_checkpoint_scorer``) builds the scorer,
     ``batch_size`` defaults to :func:`eval_batch_size`."""
     load = load or load_checkpoint_scorer
-    batch_size = batch_size or (eval_batch_size(checkpoint) if Path(checkpoint).is_dir()
-                                else TrainConfig.eval_batch_size)
+    batch_size = batch_size or eval_batch_size(checkpoint)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     scorer, kg = load(checkpoint, data_dir, torch.device(device))
     metrics = evaluate(
