@@ -33,7 +33,8 @@ from hitter_core.data import default_data_dir, load_kg
 from hitter_core.model import HittERScorer
 from kgqa.data import answer_is_neighbour, qa_splits, read_sources
 from kgqa.lm import resolve_lm
-from kgqa.model import build_neighbour_index, name_pieces
+from kgqa.model import build_neighbour_index
+from kgqa.readers.names import name_pieces
 
 
 def probe(hitter, index, examples, is_neighbour: list[bool], name_length: torch.Tensor,

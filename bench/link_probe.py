@@ -1,4 +1,4 @@
-"""Where does a trained link head (``kgqa/link_head.py``) lose the answer? A probe of a QA
+"""Where does a trained link head (``kgqa/readers/link.py``) lose the answer? A probe of a QA
 run's ``best/`` on a filtered test split (issue "knowledge that helps").
 
 For every question whose answer is a direct neighbour of its topic in the train graph, the
@@ -34,6 +34,7 @@ from hitter_core.data import default_data_dir, load_kg
 from kgqa.batches import make_batch
 from kgqa.data import qa_splits, read_sources
 from kgqa.model import load_qa_model
+from kgqa.readers.link import LinkReader
 from kgqa.report import predictions_file, read_predictions
 
 
@@ -62,12 +63,14 @@ def probe(model_dir: str, examples: list, gold: list[set[int]], data_dir: str,
     """One record per question with KG input: gold relations chosen, HittER's ranks, beta,
     correct."""
     model, tokenizer, index = load_qa_model(model_dir, data_dir)
-    head = model.link_head
-    if head is None:
-        raise ValueError(f"{model_dir}: not a link-head model (model.link_head is false)")
+    head = model.head
+    if not isinstance(head, LinkReader):
+        raise ValueError(f"{model_dir}: not a link-head model (model.reader is "
+                         f"{model.config.reader})")
     n_max = model.config.max_neighbours
-    captured = []  # the head's inputs: HittER's link prediction, run once by the model
-    head.register_forward_hook(lambda module, args, output: captured.append(args))
+    captured = []  # HittER's link prediction, run once by the model
+    predict_links = head.predict_links
+    head.predict_links = lambda x: captured.append(predict_links(x)) or captured[-1]
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -76,16 +79,17 @@ def probe(model_dir: str, examples: list, gold: list[set[int]], data_dir: str,
             raise ValueError(f"questions {start}-{start + len(chunk)}: some were dropped")
         captured.clear()
         out = model(**batch)
-        top = out.logits.argmax(-1)  # (M,)
+        top = out.log_probs.argmax(-1)  # (M,)
         wrong = torch.zeros(len(chunk), dtype=torch.long).index_add_(
             0, out.rows, (top != out.labels).long())
-        (args,) = captured  # KGLinkHead.forward's positional arguments
-        kg_rows, _, q_rows, q_rels, scores = args[4:9]  # ... topics ... HittER's (Q, E) scores
-        p_kg = head.answer_probs(out.kg_relation_probs, q_rows, q_rels, scores)  # (B_kg, E)
+        (links,) = captured  # LinkReader.predict_links's output
+        kg_rows, _, q_rows, q_rels, scores = links  # ... topics ... HittER's (Q, E) scores
+        relation_probs, beta = out.kg_evidence["relation_probs"], out.kg_evidence["gate"]
+        p_kg = head.answer_probs(relation_probs, q_rows, q_rels, scores)  # (B_kg, E)
         for j, row in enumerate(kg_rows.tolist()):
             ex, g = chunk[row], gold[start + row]
             fits = head.name_length == int(batch["num_masks"][row])  # (E,) candidates
-            probs = out.kg_relation_probs[j]  # (2R,)
+            probs = relation_probs[j]  # (2R,)
             mine = q_rows == j
             by_relation = dict(zip(q_rels[mine].tolist(), scores[mine], strict=True))
             oracle = min((candidate_rank(by_relation[r], ex.answer_entity, fits)
@@ -93,7 +97,7 @@ def probe(model_dir: str, examples: list, gold: list[set[int]], data_dir: str,
             records.append(dict(
                 gold=bool(g), chose_gold=int(probs.argmax()) in g,
                 gold_mass=float(probs[sorted(g)].sum()) if g else 0.0,
-                relations=int((probs > 0).sum()), beta=float(out.kg_gate[j]),
+                relations=int((probs > 0).sum()), beta=float(beta[j]),
                 rank_head=candidate_rank(p_kg[j], ex.answer_entity, fits), rank_oracle=oracle,
                 correct=bool(wrong[row] == 0), question_id=ex.question_id,
             ))

@@ -29,10 +29,11 @@ import torch
 from hitter_core import train as hitter_train
 from hitter_core.baselines import RelationFrequencyScorer
 from hitter_core.cli import run_cli
-from hitter_core.config import RUN_CONFIG_NAME, load_config
+from hitter_core.config import load_config
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.evaluate import evaluate
 from hitter_core.ranking import FilterIndex
+from hitter_core.sections import RUN_CONFIG_NAME
 
 
 def read_curve(run_dir: Path) -> dict[str, Any]:

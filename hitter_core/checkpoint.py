@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +39,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from hitter_core.config import RUN_CONFIG_NAME, TrainConfig, save_config
+from hitter_core.config import TrainConfig, save_config
 from hitter_core.data import DataFormatError
 from hitter_core.faults import ENV as FAULTS_ENV
 from hitter_core.faults import crash_point
 from hitter_core.model import HittER
 from hitter_core.model_card import hitter_card
+from hitter_core.sections import RUN_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +257,29 @@ def load_hitter(path: str | os.PathLike, weights: bool = True) -> HittER:
     except Exception as e:
         raise CorruptCheckpoint(f"{path}: unreadable HittER checkpoint ({type(e).__name__}: "
                                 f"{str(e)[:200]})") from None
+
+
+def hitter_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What names a HittER checkpoint in the results of the runs that read it: its directory,
+    the first 12 hex digits of its weights' SHA-256 (two trainings saved to one path differ
+    here), its dataset, step and valid MRR (``valid_metrics.json``) and, where the directory
+    is a run's ``best/``, the run's test MRR (``test_metrics.json`` beside it)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    identity: dict[str, Any] = {"checkpoint": str(path), "sha256": digest.hexdigest()[:12],
+                                "dataset": json.loads((path / "config.json").read_text())
+                                .get("dataset")}
+    if (valid := path / "valid_metrics.json").is_file():
+        metrics = json.loads(valid.read_text())
+        identity |= {"step": metrics.get("step"), "valid_mrr": metrics["both"]["mrr"]}
+    if (test := path.parent / "test_metrics.json").is_file():
+        metrics = json.loads(test.read_text())
+        if Path(metrics.get("checkpoint", "")).name == path.name:
+            identity["test_mrr"] = metrics["both"]["mrr"]
+    return identity
 
 
 def load_latest_checkpoint(

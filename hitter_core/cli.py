@@ -1,5 +1,5 @@
 """The command line shared by both stages (STYLE.md habit 14): ``--preset`` and positional
-``section.key=value`` overrides (:mod:`hitter_core.config`), the run flags, and one clear line
+``section.key=value`` overrides (:mod:`hitter_core.sections`), the run flags, and one clear line
 instead of a traceback when the user made a mistake (habit 15)."""
 
 import argparse
@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hitter_core.config import PRESET_DIR, RUN_CONFIG_NAME, ConfigError
 from hitter_core.data import DataFormatError
+from hitter_core.sections import PRESET_DIR, RUN_CONFIG_NAME, ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None) -> None:

@@ -1,7 +1,7 @@
 """CPU versions of dropout, attention and cross-entropy: the same computations as torch's,
-faster on CPU (measured by ``bench/attention_speed.py`` and ``bench/train_speed.py``; the
-README gives the figures). The model never calls them directly: :func:`hitter_core.kernels.
-kernels_for` hands them out on CPU and torch's own ops elsewhere.
+faster on CPU (measured by ``bench/attention_speed.py`` and ``bench/train_speed.py``;
+bench/RESULTS.md gives the figures). The model never calls them directly:
+:func:`hitter_core.kernels.kernels_for` hands them out on CPU and torch's own ops elsewhere.
 
 * :func:`dropout`: inverted dropout whose keep mask comes from numpy's SFC64 generator as
   16-bit integers and stays a bool mask for the backward.
@@ -77,12 +77,19 @@ def attention(
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     else:
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Lq, L)
-        weights = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
-        a = dropout(weights, dropout_p, True) @ v
+        # The softmax in float32 under bf16 autocast too (CUDA's autocast does so; CPU's not).
+        weights = scores.to(at_least_float32(scores.dtype))
+        weights = weights.masked_fill(~key_mask, float("-inf")).softmax(-1)
+        a = dropout(weights, dropout_p, True).to(v.dtype) @ v
     return a.transpose(1, 2)  # (B, Lq, H, D/H)
 
 
 SHORT_ATTENTION_KEYS = 4  # up to this many keys, CPU attention runs as short_attention
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention weights are computed in: float32 for bf16 / fp16, else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def short_attention(q: torch.Tensor, kv: torch.Tensor, p: float) -> torch.Tensor:
@@ -102,15 +109,17 @@ class _ShortAttention(torch.autograd.Function):
     """:func:`short_attention` with a given dropout mask ``keep`` (None: no dropout) and its
     ``scale`` 1 / (1 - p). Weights w (B, Lq, H, L) = softmax(s), s_j = q . k_j / sqrt(d);
     out = sum_j (w_j * keep_j * scale) v_j. The gradients are written into fresh tensors of
-    the inputs' shapes, so that no stacking follows."""
+    the inputs' shapes, so that no stacking follows. Scores, weights and the output are at
+    least float32 (:func:`at_least_float32`; under bf16 autocast a softmax in float32, as
+    CUDA's autocast runs it); the gradients have the inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, q, kv, keep, scale):
         B, Lq, H, d = q.shape
         L = kv.shape[1]
-        s = q.new_empty(B, Lq, H, L)
+        s = q.new_empty(B, Lq, H, L, dtype=at_least_float32(q.dtype))
         for j in range(L):
-            torch.sum(q * kv[:, None, j, 0], -1, out=s[..., j])
+            torch.sum(q * kv[:, None, j, 0], -1, dtype=s.dtype, out=s[..., j])
         w = s.mul_(d**-0.5).softmax(-1)
         wd = w if keep is None else torch.where(keep, w, 0.0).mul_(scale)
         out = wd[..., 0, None] * kv[:, None, 0, 1]  # (B, Lq, H, d)
@@ -126,9 +135,9 @@ class _ShortAttention(torch.autograd.Function):
         q, kv, w, wd, keep = ctx.saved_tensors
         B, Lq, H, d = q.shape
         L = kv.shape[1]
-        dw = w.new_empty(B, Lq, H, L)
+        dw = w.new_empty(B, Lq, H, L)  # at least float32, as w
         for j in range(L):
-            torch.sum(g * kv[:, None, j, 1], -1, out=dw[..., j])
+            torch.sum(g * kv[:, None, j, 1], -1, dtype=dw.dtype, out=dw[..., j])
         if keep is not None:
             dw = torch.where(keep, dw, 0.0).mul_(ctx.scale)
         ds = (dw - (dw * w).sum(-1, keepdim=True)).mul_(w).mul_(d**-0.5)  # (B, Lq, H, L)
@@ -141,7 +150,7 @@ class _ShortAttention(torch.autograd.Function):
                 torch.mul(coef[:, 0, :, j, None], other[:, 0], out=grad)  # sum over queries
                 for i in range(1, Lq):
                     grad.addcmul_(coef[:, i, :, j, None], other[:, i])
-        return dq, dkv, None, None
+        return dq.to(q.dtype), dkv, None, None
 
 
 def cross_entropy(

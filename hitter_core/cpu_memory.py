@@ -7,7 +7,7 @@ unmaps it when freed. A HittER step on CPU allocates many such blocks (the FFN a
 again at every step. :func:`keep_freed_memory` serves every block from the heap and keeps what
 is freed, the effect that PyTorch's CPU tuning guide gets from swapping in jemalloc or tcmalloc,
 here with the allocator already loaded. ``bench/train_speed.py --no-keep-freed-memory``
-measures the difference (the README gives the figures); peak memory rises, by 6-36% in our
+measures the difference (bench/RESULTS.md gives the figures); peak memory rises, by 6-36% in our
 runs.
 
 It changes the whole process, so only entry points call it (``python -m hitter_core.train``,

@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from hitter_core.baselines import BASELINES, RelationFrequencyScorer
 from hitter_core.checkpoint import load_hitter
 from hitter_core.cli import run_cli
-from hitter_core.config import RUN_CONFIG_NAME, TrainConfig
+from hitter_core.config import TrainConfig
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.faults import crash_point
 from hitter_core.model import HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
+from hitter_core.sections import RUN_CONFIG_NAME
 
 DIRECTIONS = ("tail", "head", "both")
 

@@ -55,6 +55,18 @@ def bucket_size(n: int, per_octave: int) -> int:
     return -(-n // step) * step
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that computes and returns float32 under autocast, as CUDA's autocast
+    does for layer_norm and CPU's does not (torch 2.13 keeps a bf16 input in bf16 there). In a
+    post-LN layer its output is the residual stream, which thereby stays float32 in bf16
+    training on either device; matrix products still read it in bf16. Without autocast it is
+    ``nn.LayerNorm`` (same parameters, same result)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class PostLNLayer(nn.Module):
     """A post-LN Transformer encoder layer (BERT / ``nn.TransformerEncoderLayer`` layout) with
     scaled-dot-product attention, over packed tokens (see :class:`Packing`). ``ffn_dropout``
@@ -66,10 +78,10 @@ class PostLNLayer(nn.Module):
         d, self.heads = config.hidden_size, config.num_attention_heads
         self.qkv = nn.Linear(d, 3 * d)
         self.attn_out = nn.Linear(d, d)
-        self.attn_norm = nn.LayerNorm(d, eps=eps)
+        self.attn_norm = LayerNorm(d, eps=eps)
         self.ffn_in = nn.Linear(d, config.intermediate_size)
         self.ffn_out = nn.Linear(config.intermediate_size, d)
-        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.ffn_norm = LayerNorm(d, eps=eps)
         self.act = ACT2FN[config.hidden_act]
         self.attention_dropout = config.attention_dropout
         self.hidden_dropout = config.hidden_dropout

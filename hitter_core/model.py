@@ -44,7 +44,7 @@ from transformers.utils import ModelOutput
 
 from hitter_core.config import HittERConfig
 from hitter_core.kernels import kernels_for
-from hitter_core.layers import Packing, PostLNLayer, bucket_size
+from hitter_core.layers import LayerNorm, Packing, PostLNLayer, bucket_size
 
 # Token-type ids of the context Transformer (REFERENCE.md "Encoder").
 GCLS_TYPE, SOURCE_TYPE, NEIGHBOUR_TYPE = 0, 1, 2  # = the column, capped at 2
@@ -77,7 +77,7 @@ class HittER(PreTrainedModel):
         self.relation_embeddings = nn.Embedding(2 * config.num_relations, d)
         self.cls_vector = nn.Parameter(torch.zeros(d))
         self.pair_position_embeddings = nn.Embedding(3, d)  # [CLS], entity, relation
-        self.pair_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.pair_norm = LayerNorm(d, eps=config.layer_norm_eps)
         self.pair_layers = nn.ModuleList(
             PostLNLayer(config, config.layer_norm_eps, ffn_dropout=False)
             for _ in range(config.num_entity_layers)
@@ -86,7 +86,7 @@ class HittER(PreTrainedModel):
             self.gcls_vector = nn.Parameter(torch.zeros(d))
             self.mask_vector = nn.Parameter(torch.zeros(d))  # MEP [MASK]
             self.type_embeddings = nn.Embedding(config.type_vocab_size, d)
-            self.context_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+            self.context_norm = LayerNorm(d, eps=config.layer_norm_eps)
             self.context_layers = nn.ModuleList(
                 PostLNLayer(config, config.context_layer_norm_eps, ffn_dropout=True)
                 for _ in range(config.num_context_layers)

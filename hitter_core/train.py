@@ -22,6 +22,8 @@ micro batch): W processes take W times as many triples per step.
 * Checkpoints (``hitter_core.checkpoint``): ``last`` every ``save_every`` steps and after
   every validation, ``best`` on valid MRR. ``--resume`` continues from ``last`` at its exact
   step, mid-epoch included (same world size and batch size required).
+* ``train.compile``: each Transformer layer runs ``torch.compile``d over the static shapes; a
+  compiled step that fails is redone eager, and training stays eager (``hitter_core.compiled``).
 * Validation and test run on process 0 (other processes wait); metrics go to
   ``metrics.jsonl`` (and TensorBoard when installed), a progress bar shows loss and triples/s.
 
@@ -65,15 +67,8 @@ from hitter_core.checkpoint import (
     write_test_metrics,
 )
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
-from hitter_core.config import (
-    DEFAULT_PRESET,
-    RUN_CONFIG_NAME,
-    HittERConfig,
-    TrainConfig,
-    check_same_config,
-    load_config,
-    save_config,
-)
+from hitter_core.compiled import CompiledLayers
+from hitter_core.config import DEFAULT_PRESET, HittERConfig, TrainConfig, load_config, save_config
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import (
@@ -89,6 +84,7 @@ from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_, linear_schedule
 from hitter_core.precision import resolve_precision
 from hitter_core.ranking import FilterIndex
+from hitter_core.sections import RUN_CONFIG_NAME, check_same_config
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +155,7 @@ class Trainer:
         self.ds_config = self.engine.config
         self.model: HittER = self.engine.module
         self.device = self.engine.device
+        self.compiled = CompiledLayers(self.model, cfg.compile)  # train.compile
 
         index = NeighbourIndex.build(kg, seed=model_config.neighbour_order_seed)
         self.neighbour_index = index.to(self.device)
@@ -243,6 +240,9 @@ class Trainer:
         return st
 
     def _step(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.compiled.run(lambda: self._run_step(indices))  # eager when not compiled
+
+    def _run_step(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         torch.manual_seed(step_seed(self.train_config.seed, self.state.step, self.rank))
         batch = make_batch(self.train_triples[indices.to(self.device)], self.neighbour_index,
                            self.model_config)

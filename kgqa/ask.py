@@ -14,11 +14,11 @@ alternatives, with the top pieces of a one-mask answer.
 The topic entity (whose neighbourhood HittER encodes) is ``--topic`` (an identifier or a name of
 the graph), else the longest entity name found in the question (case-insensitive word match;
 several entities of that name: the one with the most neighbours), and the output says which
-entity was used. The evidence: for the copy head (:mod:`kgqa.copy_head`), its pointer weights
-over the topic's neighbours and its gate; for the link head (:mod:`kgqa.link_head`), the
-relations of the topic it asked HittER about, and its gate; for cross-attention adapters, their
-attention from the [MASK] positions, averaged over heads, masks and adapter layers. A model
-without HittER has no evidence to show.
+entity was used. The evidence is the reader's (:meth:`kgqa.readers.base.KGReader.explain`): for
+the copy head, its pointer weights over the topic's neighbours and its gate; for the link head,
+the relations of the topic it asked HittER about, and its weight; for cross-attention adapters,
+their attention from the [MASK] positions, averaged over heads, masks and adapter layers. A
+model without HittER has no evidence to show.
 """
 
 from __future__ import annotations
@@ -38,19 +38,13 @@ import torch
 from hitter_core.cli import run_cli
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.predict import AmbiguousName, find_entity
-from kgqa.adapters import CrossAttentionAdapter
 from kgqa.batches import make_batch
 from kgqa.data import QAExample
 from kgqa.model import KGEnhancedLM, load_qa_model
+from kgqa.readers.adapters import CrossAttentionAdapter
+from kgqa.readers.base import Fact, ReaderOutput
 
 MAX_NAME_WORDS = 8  # longest entity name looked for in a question
-
-
-@dataclass
-class Evidence:
-    entity: str  # the neighbour's name ("?" for a relation the link head asked about)
-    fact: str  # the triple that makes it a neighbour, e.g. "(paris, capital_of, france)"
-    weight: float
 
 
 @dataclass
@@ -60,10 +54,10 @@ class Answer:
     score: float  # mean log-probability per mask
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # (text, score)
     topic: str | None = None  # "name (identifier)", or None
-    evidence: list[Evidence] = field(default_factory=list)
-    gate: float | None = None  # the copy head's gate, the link head's beta
-    gate_name: str = "copy gate"
-    read: str = "the neighbours read most"  # what the evidence lists
+    evidence: list[Fact] = field(default_factory=list)  # what the reader weighed most
+    gate: float | None = None  # the reader's gate (the copy head's lam, the link head's beta)
+    gate_name: str | None = None
+    read: str = ""  # what the evidence lists
 
 
 def link_topic(question: str, kg: KnowledgeGraph, degrees: torch.Tensor | None = None) -> int:
@@ -111,9 +105,7 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
         batch = make_batch([example], tokenizer, neighbours, model.config.max_neighbours)
         batch.pop("labels")
         out, weights = run_with_attention(model, batch)
-        logp = out.logits.float()
-        if out.kg_gate is None:  # plain logits; the KG heads return log-probabilities
-            logp = torch.log_softmax(logp, -1)
+        logp = out.log_probs.float()  # (n, V)
         best, pieces = logp.max(-1)  # (n,)
         tried.append((best.mean().item(), n, pieces, logp, out, batch, weights))
     score, n, pieces, logp, out, batch, weights = max(tried, key=lambda t: t[0])
@@ -130,33 +122,13 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     if topic < 0 or kg is None or model.hitter is None:
         return answer
     answer.topic = f"{kg.entity_names[topic]} ({kg.entities[topic]})"
-    R, name = kg.num_relations, kg.entity_names[topic]
-    if out.kg_relation_probs is not None:  # the link head: (topic, r, ?) or (?, r - R, topic)
-        p = out.kg_relation_probs[0]  # (2R,)
-        answer.gate, answer.gate_name = float(out.kg_gate[0]), "HittER's weight beta"
-        answer.read = "the relations HittER was asked"
-        for r in p.topk(min(top_k, int((p > 0).sum()))).indices.tolist():
-            fact = f"({name}, {kg.relations[r]}, ?)" if r < R else (
-                f"(?, {kg.relations[r - R]}, {name})")
-            answer.evidence.append(Evidence("?", fact, float(p[r])))
-        return answer
-    ents, rels, mask = batch["kg_entities"][0], batch["kg_relations"][0], batch["kg_mask"][0]
-    if out.kg_attention is not None:
-        w = out.kg_attention[0]  # (N,) over the neighbours
-        answer.gate = float(out.kg_gate[0])
-    elif weights is not None:
-        masks = batch["input_ids"][0] == model.mask_token_id  # (L,)
-        w = weights[0][masks].mean(0)[2:]  # (N,): drop [GCLS] and the topic token
-    else:
-        return answer
-    w = w.masked_fill(~mask, 0.0)
-    for i in w.topk(min(top_k, int(mask.sum()))).indices.tolist():
-        # Token (e, r) of the topic: an incoming edge (e, r, topic), or for r >= R the
-        # outgoing edge (topic, r - R, e) (hitter_core.neighbours).
-        r, e = int(rels[i]), kg.entity_names[int(ents[i])]
-        fact = f"({e}, {kg.relations[r]}, {name})" if r < R else (
-            f"({name}, {kg.relations[r - R]}, {e})")
-        answer.evidence.append(Evidence(e, fact, float(w[i])))
+    if weights is not None:  # (1, L, T) -> (T,): the adapters' attention from the masks
+        weights = weights[0][batch["input_ids"][0] == model.mask_token_id].mean(0)
+    reader_out = ReaderOutput(out.log_probs, out.kg_rows, out.kg_evidence or {})
+    explained = model.head.explain(reader_out, batch, kg, top_k, adapter_weights=weights)
+    if explained is not None:
+        answer.read, answer.evidence = explained.read, explained.facts
+        answer.gate, answer.gate_name = explained.gate, explained.gate_name
     return answer
 
 

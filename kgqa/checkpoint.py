@@ -38,8 +38,8 @@ from hitter_core.checkpoint import (
     lock_run_dir,
     replace_dir,
 )
-from hitter_core.config import RUN_CONFIG_NAME, check_same_config, save_sections
 from hitter_core.faults import crash_point
+from hitter_core.sections import RUN_CONFIG_NAME, check_same_config, save_sections
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def prepare_output_dir(
     """Make ``output_dir`` ready for a run with ``configs`` (the resolved sections) and write
     its ``run_config.yaml``. A directory holding another run is refused unless ``resume``
     (whose saved ``run_config.yaml`` must equal ``configs``: a changed setting is an error
-    naming it, :func:`hitter_core.config.check_same_config`; the saved file is kept) or
+    naming it, :func:`hitter_core.sections.check_same_config`; the saved file is kept) or
     ``overwrite`` (the old run's files are removed first); a directory another process is
     writing to is refused (:func:`hitter_core.checkpoint.lock_run_dir`). Call on process 0
     only."""

@@ -2,7 +2,7 @@
 appendix B).
 
 Two sections, read by the configuration system both stages share
-(:func:`hitter_core.config.load_sections`; presets ``recipes/configs/qa-*.yaml`` hold only
+(:func:`hitter_core.sections.load_sections`; presets ``recipes/configs/qa-*.yaml`` hold only
 differences, ``section.key=value`` overrides on the command line):
 
 * ``model``: :class:`KGQAConfig`, the ``transformers`` config of
@@ -23,7 +23,9 @@ from typing import Any, Literal
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from hitter_core.sections import ConfigError
 from kgqa.lm import DEFAULT_LM
+from kgqa.readers import LEGACY_FIELDS, legacy_reader, parse_reader
 
 
 @strict
@@ -36,6 +38,7 @@ class KGQAConfig(PreTrainedConfig):
     ``config.json`` alone."""
 
     model_type = "hitter-kgqa"
+    LEGACY_FIELDS = LEGACY_FIELDS  # accepted in saved files only (hitter_core.sections)
 
     # Language model: a Hub id or local directory (``minilm`` = the offline test LM, see
     # kgqa.lm). Paper section 4: BERT-base, uncased (REFERENCE.md).
@@ -46,8 +49,9 @@ class KGQAConfig(PreTrainedConfig):
     # False = HittER co-trained with the LM at the pretrained learning rate (REFERENCE.md);
     # True = HittER frozen: no gradient and kept in eval mode.
     freeze_kg: bool = False
-    # Which HittER context layer each LM layer attends to, both 1-based, "lm:kg" pairs such as
-    # "3:2,4:2,5:3". None = kgqa.adapters.default_layer_mapping (the paper's for 12/6 layers).
+    # Which HittER context layer each LM layer's adapter attends to, both 1-based, "lm:kg" pairs
+    # such as "3:2,4:2,5:3". None = kgqa.readers.adapters.default_layer_mapping (the paper's for
+    # 12/6 layers).
     layer_mapping: str | None = None
     # Dropout after the adapter's output projection; None = the LM's hidden_dropout_prob
     # (appendix B: the cross-attention follows the BERT configuration). Its attention-
@@ -56,37 +60,28 @@ class KGQAConfig(PreTrainedConfig):
     # Neighbours per topic entity given to HittER (REFERENCE.md: up to 50); read where batches
     # are made (kgqa.batches.ClozeCollator).
     max_neighbours: int = 50
-    # How the LM reads HittER (issue "knowledge that helps"; not in the paper beyond "paper");
-    # adapter and the KG heads are unused without HittER (model.kg_checkpoint=null: the plain LM):
-    # "paper" = the paper's cross-attention block (dense, dropout, residual, LayerNorm);
-    # "gated" = x + tanh(g) * dropout(dense(attention)), g = 0 at the start (Flamingo), so the
-    # model starts as the plain LM; "none" = no cross-attention in the LM layers.
-    adapter: Literal["paper", "gated", "none"] = "paper"
-    # A pointer over the topic's neighbours that copies a neighbour's name into the [MASK]
-    # slots (kgqa.copy_head), mixed with the LM's prediction by a learned gate.
-    copy_head: bool = False
-    # The copy head's keys also read each neighbour's name and relation text through the LM's
-    # word embeddings (kgqa.copy_head; the recommended CPU recipe sets it, the paper has no
-    # copy head).
-    copy_name_keys: bool = False
-    # HittER's own link prediction answers (kgqa.link_head): the question picks which of the
-    # topic's relations it asks, HittER scores every entity for them, and the names it finds
-    # likelier than chance get their LM logits raised (weight zero at the start). No neighbour
-    # list reaches the head. Not with copy_head.
-    link_head: bool = False
-    # The link head's weight beta also reads how sure the head is (kgqa.link_head): the best
-    # relation match, the certainty of p(r | q, t) and of HittER's answer (zero-initialised).
-    link_confidence: bool = False
+    # How the LM reads HittER: a name of kgqa.readers.READERS, or an adapter reader and a head
+    # joined by "+" ("paper+link"). Paper: its cross-attention adapters. "none" (the plain LM)
+    # and "text" read no HittER (kg_checkpoint null); the others need one (check_reader).
+    reader: str = "paper"
     # Control: "random" = a HittER of the checkpoint's shape, randomly initialised (seeded by
     # train.seed), no pretrained weight loaded: does the gain need HittER's pretraining?
     kg_init: Literal["pretrained", "random"] = "pretrained"
-    # The "KG as text" baseline (kgqa.verbalise; needs no HittER): > 0 appends the topic's
-    # first neighbours, verbalised, to the plain LM's input, which is kept within this many
-    # word pieces; 0 = off.
-    kg_text_length: int = 0
+    # The "text" reader (kgqa.verbalise): the topic's first neighbours, verbalised, are appended
+    # to the question, which is kept within this many word pieces.
+    kg_text_length: int = 128
     # Set by the builder, not by users: BertConfig.to_dict() of the LM, HittERConfig.to_dict().
     lm_config: dict[str, Any] | None = None
     kg_config: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        legacy = {k: kwargs.pop(k) for k in LEGACY_FIELDS if k in kwargs}
+        if legacy:  # a model saved before model.reader (its config.json holds the old flags)
+            self.reader = legacy_reader(legacy | {"kg_text_length": self.kg_text_length},
+                                        has_hitter=self.kg_checkpoint is not None)
+            if self.kg_text_length == 0:  # 0 was "off", which the reader now says
+                self.kg_text_length = type(self).kg_text_length
+        super().__post_init__(**kwargs)
 
     def validate_kgqa(self) -> None:
         if self.max_neighbours < 0:
@@ -95,16 +90,21 @@ class KGQAConfig(PreTrainedConfig):
             raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
         if self.layer_mapping is not None:
             parse_layer_mapping(self.layer_mapping)  # fail early on a malformed string
-        if self.link_confidence and not self.link_head:
-            raise ValueError("link_confidence weighs the link head: set link_head=true too")
-        if self.copy_head and self.link_head:
-            raise ValueError("copy_head and link_head are two ways of answering from the KG: "
-                             "set one")
-        if self.kg_text_length < 0:
-            raise ValueError(f"kg_text_length must be >= 0, got {self.kg_text_length}")
-        if self.kg_text_length and self.kg_checkpoint is not None:
-            raise ValueError("kg_text_length (the KG-as-text baseline) is for the plain LM: "
-                             "set model.kg_checkpoint=null")
+        parse_reader(self.reader)  # a known reader or combination
+        if self.kg_text_length < 1:
+            raise ValueError(f"kg_text_length must be >= 1, got {self.kg_text_length}")
+
+    def check_reader(self) -> None:
+        """Raise unless the reader and ``kg_checkpoint`` agree: a reader of HittER needs a
+        checkpoint, ``none`` and ``text`` take none. Checked when a model is built, not by the
+        config itself, so that presets name a reader and the checkpoint comes at run time."""
+        reader = parse_reader(self.reader)
+        if reader.reads_hitter and self.kg_checkpoint is None:
+            raise ConfigError(f"model.reader={self.reader} reads HittER: set "
+                              f"model.kg_checkpoint (or model.reader=none for the plain LM)")
+        if not reader.reads_hitter and self.kg_checkpoint is not None:
+            raise ConfigError(f"model.reader={self.reader} reads no HittER: choose a reader "
+                              f"(paper, link, ...; kgqa.readers) or set model.kg_checkpoint=null")
 
 
 @strict
@@ -120,8 +120,9 @@ class QATrainConfig:
     output_dir: str = "runs/qa"
     # Prepared splits, cloze datasets, neighbour index; None = ~/.cache/hitter-kgqa.
     cache_dir: str | None = None
-    # Appendix B: Adam(W) at 5e-5 for the new cross-attention modules and 5e-6 for every
-    # pretrained weight (BERT and, co-trained, HittER).
+    # Appendix B: Adam(W) at 5e-5 for the new cross-attention modules (here: every new module
+    # of the reader, adapters and heads) and 5e-6 for every pretrained weight (BERT and,
+    # co-trained, HittER).
     lr_adapters: float = 5e-5
     lr_pretrained: float = 5e-6
     # REFERENCE.md: weight decay 0.01 except biases and LayerNorm weights.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import evaluate
 import torch
 
+from hitter_core.cli import run_cli
 from hitter_core.faults import crash_point
 from kgqa.report import METRICS_FILE, write_report
 
@@ -62,7 +64,7 @@ def predict(
             B = len(batch["input_ids"])
             crash_point("predict")
             res = model(**{k: v.to(device) for k, v in batch.items()})
-            top = res.logits.argmax(-1)  # (M,)
+            top = res.log_probs.argmax(-1)  # (M,)
             counts = torch.bincount(res.rows, minlength=B)  # (B,) masks per question
             wrong = torch.zeros(B, dtype=torch.long, device=top.device)
             wrong.index_add_(0, res.rows, (top != res.labels).long())  # (B,)
@@ -122,5 +124,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(write_report(args.runs, args.out))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a missing run or runs that cannot share a row: one line
+    sys.exit(run_cli(main, user_errors=(ValueError,)))

@@ -1,11 +1,11 @@
-"""BERT masked LM enhanced with HittER through cross-attention (paper section 4, Figure 4;
-appendix B).
+"""A BERT masked LM that reads a pretrained HittER (paper section 4, Figure 4; appendix B).
 
 :class:`KGEnhancedLM` is a ``transformers.PreTrainedModel`` (config :class:`KGQAConfig`, so
 ``save_pretrained`` / ``from_pretrained`` are the standard ones) that composes a stock
-``BertForMaskedLM``, optionally a pretrained :class:`hitter_core.model.HittER`, and the
-cross-attention adapters of :mod:`kgqa.adapters`. Without HittER it is the plain LM (the
-"BERT" baseline of paper Table 6) on the same code path.
+``BertForMaskedLM``, optionally a pretrained :class:`hitter_core.model.HittER`, and the reader
+``model.reader`` names (:mod:`kgqa.readers`): the paper's cross-attention adapters inside every
+second LM layer, a head at the LM's output (copy, link: ours), or both. Without HittER it is the
+plain LM (the "BERT" baseline of paper Table 6) on the same code path.
 
 KG input (REFERENCE.md "QA"): the question's topic entity, its relation id (0 in the released
 data) and the topic's neighbours, gathered where batches are made
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,10 @@ from hitter_core.config import HittERConfig
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
-from kgqa.adapters import (
+from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
+from kgqa.lm import resolve_lm
+from kgqa.readers import parse_reader
+from kgqa.readers.adapters import (
     CrossAttentionAdapter,
     KGContext,
     KGStates,
@@ -53,36 +55,27 @@ from kgqa.adapters import (
     check_layer_mapping,
     default_layer_mapping,
 )
-from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
-from kgqa.copy_head import KGCopyHead
-from kgqa.link_head import KGLinkHead
-from kgqa.lm import resolve_lm
-from kgqa.verbalise import relation_texts
+from kgqa.readers.base import KGReader, LMReader, ReaderInput
 
 
 @dataclass
 class KGQAOutput(ModelOutput):
-    """``logits`` (M, V) at the M mask positions of the batch in row-major (B, L) order;
-    ``rows`` (M,) the batch row of each; ``labels`` (M,) the gold pieces when given; ``loss``
-    the mean cross-entropy over the M positions."""
+    """``log_probs`` (M, V) at the M mask positions of the batch in row-major (B, L) order,
+    whatever the reader; ``rows`` (M,) the batch row of each; ``labels`` (M,) the gold pieces
+    when given; ``loss`` their mean negative log-likelihood. ``kg_rows`` (B_kg,) the rows the
+    reader's ``kg_evidence`` is about (:class:`kgqa.readers.base.ReaderOutput`)."""
 
     loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     rows: torch.Tensor | None = None
-    # With the copy head (kgqa.copy_head): ``logits`` are log-probabilities, ``kg_attention``
-    # (B_kg, N) the weight of each neighbour for each question with KG input (rows
-    # ``kg_rows``), ``kg_gate`` (B_kg,) the share of the copy distribution.
-    # With the link head (kgqa.link_head): log-probabilities too, ``kg_gate`` and
-    # ``kg_relation_probs`` (B_kg, 2R) the relation the head reads in each question.
     kg_rows: torch.Tensor | None = None
-    kg_attention: torch.Tensor | None = None
-    kg_gate: torch.Tensor | None = None
-    kg_relation_probs: torch.Tensor | None = None
+    kg_evidence: dict[str, torch.Tensor] | None = None
 
 
 class KGEnhancedLM(PreTrainedModel):
-    """A BERT masked LM whose chosen layers cross-attend to HittER's context layers.
+    """A BERT masked LM reading HittER through ``config.reader`` (:mod:`kgqa.readers`): its
+    adapters (if any) inside the chosen LM layers, ``head`` at the output.
 
     ``lm`` / ``hitter`` are pretrained modules to compose (:func:`build_model`); when absent
     they are built, randomly initialised, from ``config.lm_config`` / ``config.kg_config``
@@ -108,43 +101,31 @@ class KGEnhancedLM(PreTrainedModel):
         # The tokenizer's [MASK] id, set at run time from the tokenizer (build_model,
         # load_qa_model): the mask positions of a batch without labels.
         self.mask_token_id: int | None = None
-        if hitter is not None:
+        reader = parse_reader(config.reader)
+        if hitter is None and reader.reads_hitter:
+            raise ValueError(f"model.reader={config.reader} reads HittER, and there is none")
+        if hitter is not None and reader.adapters is not None:
             num_lm, num_kg = lm.config.num_hidden_layers, hitter.config.num_context_layers
             if config.layer_mapping is None:
                 self.layer_mapping = default_layer_mapping(num_lm, num_kg)
             else:
                 self.layer_mapping = parse_layer_mapping(config.layer_mapping)
             check_layer_mapping(self.layer_mapping, num_lm, num_kg)
-            if config.adapter == "none":
-                self.layer_mapping = {}
-            else:
-                attach_adapters(
-                    lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size,
-                    lm.config, self.context, config.adapter_dropout,
-                    gated=config.adapter == "gated",
-                )
-        self.copy_head: KGCopyHead | None = None
-        if config.copy_head and hitter is not None:  # like the adapters: unused without KG
-            self.copy_head = KGCopyHead(
-                lm.config, hitter.config.hidden_size, hitter.config.num_entities,
-                hitter.config.num_relations, name_keys=config.copy_name_keys)
-        self.link_head: KGLinkHead | None = None
-        if config.link_head and hitter is not None:
-            self.link_head = KGLinkHead(lm.config, hitter.config.num_entities,
-                                        hitter.config.num_relations,
-                                        confidence=config.link_confidence)
+            attach_adapters(lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size,
+                            lm.config, self.context, config.adapter_dropout,
+                            gated=reader.adapters == "gated")
+        self.head: KGReader = (LMReader() if reader.head is LMReader
+                               else reader.head(lm.config, hitter.config, **reader.options))
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()
         config.kg_config = None if hitter is None else hitter.config.to_dict()
-        config.layer_mapping = (
-            format_layer_mapping(self.layer_mapping) if hitter is not None else None
-        )
+        config.layer_mapping = format_layer_mapping(self.layer_mapping) or None
         self.post_init()  # marks the composed pretrained modules' weights as initialised
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to do: the LM and HittER initialise themselves (or come pretrained) and
-        each adapter initialises itself as BERT does (kgqa.adapters)."""
+        each adapter initialises itself as BERT does (kgqa.readers.adapters), each head itself."""
 
     # ------------------------------------------------------------------ forward
 
@@ -169,7 +150,7 @@ class KGEnhancedLM(PreTrainedModel):
             raise ValueError("a batch without labels needs model.mask_token_id (the "
                              "tokenizer's [MASK] id) to find the answer positions")
         states = None
-        if self.layer_mapping or self.copy_head is not None:  # what reads HittER's states
+        if self.layer_mapping or self.head.reads_states:  # what reads HittER's states
             states = self.encode_kg(topic_entity, relation, kg_entities, kg_relations, kg_mask)
         if states is not None and any(
             getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()
@@ -181,32 +162,17 @@ class KGEnhancedLM(PreTrainedModel):
             hidden = self.lm.bert(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             ).last_hidden_state  # (B, L, D)
-        logits = self.lm.cls(hidden[positions])  # (M, V)
+        mask_states = hidden[positions]  # (M, D)
         rows = positions.nonzero()[:, 0]  # (M,)
-        out = KGQAOutput(logits=logits, rows=rows)
-        if self.copy_head is not None and states is not None:
-            copied = self.copy_head(
-                logits, hidden[positions], rows, len(input_ids), states.rows,
-                states.layers[-1][:, 2:],  # (B_kg, N, D_kg): the neighbour tokens
-                kg_entities[states.rows], states.mask[:, 2:],
-                kg_relations[states.rows], self.lm.bert.embeddings.word_embeddings,
-            )
-            out.logits, out.kg_rows = copied.log_probs, states.rows
-            out.kg_attention, out.kg_gate = copied.attention, copied.gate
-        links = self.predict_links(topic_entity, kg_entities, kg_relations, kg_mask)
-        if links is not None:
-            kg_rows, topics, query_rows, query_relations, scores = links
-            linked = self.link_head(logits, hidden[positions], rows, len(input_ids), kg_rows,
-                                    topics, query_rows, query_relations, scores,
-                                    self.lm.bert.embeddings.word_embeddings)
-            out.logits, out.kg_rows = linked.log_probs, kg_rows
-            out.kg_gate, out.kg_relation_probs = linked.gate, linked.relation_probs
+        read = self.head(ReaderInput(
+            self.lm.cls(mask_states), mask_states, rows, len(input_ids),
+            self.lm.bert.embeddings.word_embeddings, topic_entity, kg_entities, kg_relations,
+            kg_mask, states, self.hitter, kg_grad=not self.config.freeze_kg))  # (M, V) log p
+        out = KGQAOutput(log_probs=read.log_probs, rows=rows, kg_rows=read.kg_rows,
+                         kg_evidence=read.evidence)
         if labels is not None:
             out.labels = labels[positions]  # (M,)
-            if out.kg_gate is not None:  # log-probabilities of a KG head's mixture
-                out.loss = F.nll_loss(out.logits, out.labels)
-            else:
-                out.loss = F.cross_entropy(logits, out.labels)
+            out.loss = F.nll_loss(out.log_probs, out.labels)
         return out
 
     def encode_kg(
@@ -235,33 +201,6 @@ class KGEnhancedLM(PreTrainedModel):
             )  # each (B_kg, 2+N, D_kg); (B_kg, 2+N)
         return KGStates(rows, layers, mask)
 
-    def predict_links(
-        self,
-        topic_entity: torch.Tensor | None,
-        kg_entities: torch.Tensor | None,
-        kg_relations: torch.Tensor | None,
-        kg_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, ...] | None:
-        """For the link head: HittER's link prediction for every relation of every topic,
-        ``(kg_rows (B_kg,), topics (B_kg,), query_rows (Q,), query_relations (Q,),
-        scores (Q, E))``, each query reading the first ``max_neighbours`` (HittER's own) of
-        the topic's neighbours; None without the head or a topic."""
-        if self.link_head is None or topic_entity is None:
-            return None
-        kg_rows = (topic_entity >= 0).nonzero().squeeze(1)  # (B_kg,)
-        if not len(kg_rows):
-            return None
-        topics = topic_entity[kg_rows]
-        query_rows, query_relations = self.link_head.queries(topics)  # (Q,), (Q,)
-        neighbours = {}
-        if kg_entities is not None and kg_relations is not None and kg_mask is not None:
-            n, at = self.hitter.config.max_neighbours, kg_rows[query_rows]
-            neighbours = dict(nbr_entities=kg_entities[at, :n], nbr_relations=kg_relations[at, :n],
-                              nbr_mask=kg_mask[at, :n])  # (Q, n) each
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_kg):
-            scores = self.hitter(topics[query_rows], query_relations, **neighbours).scores
-        return kg_rows, topics, query_rows, query_relations, scores  # scores (Q, E)
-
     def _freeze_kg(self) -> None:
         if self.hitter is not None and self.config.freeze_kg:
             self.hitter.requires_grad_(False)
@@ -270,7 +209,10 @@ class KGEnhancedLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> KGEnhancedLM:
         """``PreTrainedModel.from_pretrained``; a frozen HittER stays frozen (loading the
-        weights makes every parameter trainable again)."""
+        weights makes every parameter trainable again). Models saved before ``model.reader``
+        load too: their config's flags name the reader (:func:`kgqa.readers.legacy_reader`)
+        and their heads' weights are renamed (``copy_head.*``, ``link_head.*`` -> ``head.*``)."""
+        kwargs.setdefault("key_mapping", LEGACY_WEIGHT_NAMES)
         model = super().from_pretrained(*args, **kwargs)
         model._freeze_kg()
         return model
@@ -281,10 +223,14 @@ class KGEnhancedLM(PreTrainedModel):
             self.hitter.eval()  # frozen: no dropout either
         return self
 
-    def adapters(self) -> list[nn.Module]:
-        """The new modules (trained at ``lr_adapters``): cross-attention adapters, KG heads."""
-        new = [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)]
-        return new + [m for m in (self.copy_head, self.link_head) if m is not None]
+    def new_modules(self) -> list[nn.Module]:
+        """The new modules (trained at ``lr_adapters``): cross-attention adapters and the head
+        (unless it has no weights: the LM's own softmax)."""
+        head = [self.head] if any(True for _ in self.head.parameters()) else []
+        return [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)] + head
+
+
+LEGACY_WEIGHT_NAMES = {r"^copy_head\.": "head.", r"^link_head\.": "head."}  # before readers
 
 
 # ----------------------------------------------------------------------------- building
@@ -292,9 +238,10 @@ class KGEnhancedLM(PreTrainedModel):
 
 def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     """The pretrained LM (``config.lm``) + the pretrained HittER (``config.kg_checkpoint``, if
-    any) + freshly initialised adapters. Returns the model and the names of the LM parameters
+    any) + the reader's fresh modules. Returns the model and the names of the LM parameters
     the LM checkpoint lacked (newly initialised: the MLM head of the offline MiniLM, never
     bert-base-uncased's)."""
+    config.check_reader()
     config = copy.deepcopy(config)  # the model fills in lm_config, kg_config, layer_mapping
     # float32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
     # bf16): bf16 runs as autocast over fp32 master weights (hitter_core.distributed).
@@ -313,26 +260,6 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     elif config.kg_checkpoint is not None:
         hitter = load_hitter(config.kg_checkpoint)
     return KGEnhancedLM(config, lm, hitter), fresh
-
-
-def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
-    """Word pieces of every name (entities, relation texts), tokenised as the cloze answers are
-    (:func:`kgqa.batches.build_cloze_dataset`), for the copy head's name tables."""
-    return tokenizer(list(names), add_special_tokens=False)["input_ids"]
-
-
-def set_head_tables(model: KGEnhancedLM, kg: KnowledgeGraph, tokenizer: Any) -> None:
-    """Give the KG heads (if any) the word pieces of the graph's entity names and, for the copy
-    head's name-aware keys and the link head, of its relation texts; the link head also each
-    entity's relations."""
-    if model.copy_head is not None:
-        model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
-        if model.copy_head.name_keys:
-            model.copy_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
-    if model.link_head is not None:
-        model.link_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
-        model.link_head.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
-        model.link_head.set_graph(kg.train)
 
 
 def build_neighbour_index(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hitter_core.model_card import settings_table, write_card
+from kgqa.readers import parse_reader
 
 
 def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: float,
@@ -16,19 +17,13 @@ def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: fl
     correct, total) once the test split was read; ``shown_as``: the final path of a
     temporary ``directory``."""
     m, t = model_config, train_config
+    reader = parse_reader(m.reader)
     if m.kg_checkpoint is None:
-        knowledge = ("none: the plain masked LM" + (
-            f", with the topic's neighbourhood as text ({m.kg_text_length} tokens)"
-            if m.kg_text_length else ""))
+        knowledge = f"none: {reader.description} (reader `{m.reader}`, kgqa.readers)"
     else:
-        reader = {"paper": "the paper's cross-attention adapters (every second LM layer)",
-                  "gated": "zero-initialised gated cross-attention adapters",
-                  "none": "no adapters"}[m.adapter]
         knowledge = (f"HittER `{m.kg_checkpoint}` ({'frozen' if m.freeze_kg else 'co-trained'},"
-                     f" {m.kg_init} weights), read by {reader}"
-                     + ("; a copy head points at the topic's neighbours" if m.copy_head else "")
-                     + ("; a link head lets HittER's link prediction answer" if m.link_head
-                        else ""))
+                     f" {m.kg_init} weights), read by {reader.description} (reader "
+                     f"`{m.reader}`, kgqa.readers)")
     result = f"dev accuracy {dev:.4f} (epoch {epoch})"
     if test is not None:
         result += (f"; test accuracy {test['accuracy']:.4f} ({test['correct']} / "

@@ -6,6 +6,8 @@ This is the one path from the source files to training: :func:`load_qa_splits` (
 ``kgqa.train`` calls) reads the prepared splits from a cache directory, running
 :func:`prepare` there on first use (again when a source file, the dev fraction or the format
 changes); the command above writes the same files where a person wants to read them.
+:func:`cloze_splits` turns them into one run's tokenized cloze datasets (its controls and the
+``text`` reader's input included), for ``kgqa.train`` and the tools that replay a run.
 
 Reads the sources listed in :mod:`kgqa.data` from ``--data-dir`` (never writes there) and the
 FreebaseQA pre-release ``freebaseqa/prerelease_2017/FreebaseQA-{dev,eval}.tab`` files, which are
@@ -23,13 +25,19 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
 
 from hitter_core.checkpoint import write_dir_atomically
-from hitter_core.config import DEFAULT_KG
+from hitter_core.cli import run_cli
+from hitter_core.config import DEFAULT_KG, HittERConfig
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.neighbours import default_cache_dir
+from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from kgqa.batches import build_cloze_dataset
+from kgqa.config import KGQAConfig, QATrainConfig
 from kgqa.data import (
     DEV_FRACTION,
     DEV_SALT,
@@ -42,8 +50,11 @@ from kgqa.data import (
     qa_splits,
     read_sources,
     save_examples,
+    shuffle_topics,
 )
 from kgqa.qa_readers import read_freebaseqa_tab, select_examples
+from kgqa.readers import parse_reader
+from kgqa.verbalise import kg_texts
 
 # HittER's counts (its *-stat.json files; paper Table 5), shown next to ours: (full, filtered).
 REFERENCE_COUNTS = {
@@ -199,6 +210,36 @@ def build_caches(out_dir: str | Path, lm: str) -> list[str]:
     return summary
 
 
+def cloze_splits(
+    model_config: KGQAConfig, train_config: QATrainConfig, tokenizer: Any,
+    kg: KnowledgeGraph, data_dir: Path, cache_dir: Path,
+) -> tuple[dict[str, Dataset], dict[str, int | None]]:
+    """The cloze datasets of train / dev / test of a run, with the controls and baselines of
+    ``train.shuffle_topics`` and the ``text`` reader (``model.kg_text_length``), and each
+    test question's own topic (the report's breakdown is by it, shuffled or not)."""
+    cfg = train_config
+    splits = load_qa_splits(data_dir, cfg.dataset, cfg.split, cfg.dev_fraction, cache_dir)
+    if cfg.max_train_examples is not None:
+        splits["train"] = splits["train"][: cfg.max_train_examples]
+    if cfg.max_eval_examples is not None:
+        for name in ("dev", "test"):
+            splits[name] = splits[name][: cfg.max_eval_examples]
+    true_topics = {e.question_id: e.topic_entity for e in splits["test"]}
+    if cfg.shuffle_topics:
+        splits = {name: shuffle_topics(ex, cfg.seed) for name, ex in splits.items()}
+    texts = dict.fromkeys(splits)
+    if parse_reader(model_config.reader).text:  # the order HittER's evaluation uses
+        order = NeighbourIndex.build(kg, seed=HittERConfig().neighbour_order_seed,
+                                     cache_dir=cache_dir)
+        texts = {name: kg_texts(ex, kg, order, tokenizer, model_config.kg_text_length,
+                                model_config.max_neighbours)
+                 for name, ex in splits.items()}
+    data = {name: build_cloze_dataset(splits[name], tokenizer, cache_dir / "cloze",
+                                      kg_texts=texts[name])
+            for name in ("train", "dev", "test")}
+    return data, true_topics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
@@ -218,4 +259,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -15,8 +15,10 @@ run (``kgqa.train``) under the given paths and prints:
   ``gzip -n`` copy ``predictions.test.jsonl.gz``, the form bench/results keeps).
 
 Runs are only averaged together when they agree on everything but the seed: model variant,
-protocol, and the number of train and test questions; a second run of one seed in a cell is an
-error (it would be counted twice).
+protocol, the HittER they read (its weights' hash, ``kg_identity``; the checkpoint path for
+runs from before it was recorded) and the number of train and test questions; a second run of
+one seed in a cell is an error (it would be counted twice). Where a report holds runs over
+more than one HittER, each row says which.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from kgqa.readers import legacy_reader, parse_reader
 
 METRICS_FILE = "metrics.json"  # what kgqa.train writes per run
 PREDICTIONS_FILE = "predictions.test.jsonl"
@@ -45,11 +49,8 @@ PAPER_ROWS = {
 def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
     """What distinguishes a run's model (row of the table) and protocol, for metrics.json."""
     return {
-        "adapter": model_config.adapter, "copy_head": model_config.copy_head,
-        "copy_name_keys": model_config.copy_name_keys,
-        "link_head": model_config.link_head,
-        "link_confidence": model_config.link_confidence,
-        "kg_init": model_config.kg_init, "kg_text_length": model_config.kg_text_length,
+        "reader": model_config.reader, "kg_init": model_config.kg_init,
+        "kg_text_length": model_config.kg_text_length,
         "max_neighbours": model_config.max_neighbours,
         "shuffle_topics": train_config.shuffle_topics,
         "protocol": {"epochs": train_config.epochs, "lr_adapters": train_config.lr_adapters,
@@ -60,27 +61,40 @@ def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
     }
 
 
+def result_reader(result: dict[str, Any]) -> str:
+    """The ``model.reader`` of a run's result (runs from before the field: from its flags)."""
+    v = result.get("variant", {})
+    return v.get("reader") or legacy_reader(v, has_hitter=result["kg"] != "none")
+
+
 def row_label(result: dict[str, Any]) -> str:
-    """``minilm``, ``minilm + KG as text``, ``minilm + HittER frozen, gated adapters + copy
-    head``, with ``[control: ...]`` for the controls."""
+    """``minilm``, ``minilm + KG as text``, ``minilm + HittER frozen, link head``, with
+    ``[control: ...]`` for the controls: the reader's description (kgqa.readers)."""
     v = result.get("variant", {})
     lm, kg = result["lm"], result["kg"]
+    reader = result_reader(result)
     if kg == "none":
-        return f"{lm} + KG as text" if v.get("kg_text_length") else lm
-    parts = []
-    if v.get("adapter", "paper") != "none":
-        parts.append(f"{v.get('adapter', 'paper')} adapters")
-    if v.get("copy_head"):
-        parts.append("copy head, name keys" if v.get("copy_name_keys") else "copy head")
-    if v.get("link_head"):
-        parts.append("link head, confidence" if v.get("link_confidence") else "link head")
-    label = f"{lm} + HittER {kg}, {' + '.join(parts) or 'unread'}"
+        return lm if reader == "none" else f"{lm} + {parse_reader(reader).description}"
+    label = f"{lm} + HittER {kg}, {parse_reader(reader).description}"
     controls = []
     if v.get("kg_init") == "random":
         controls.append("untrained HittER")
     if v.get("shuffle_topics"):
         controls.append("shuffled topics")
     return label + (f" [control: {', '.join(controls)}]" if controls else "")
+
+
+def hitter_label(result: dict[str, Any]) -> str | None:
+    """Which HittER a run read: ``sha 1a2b3c4d5e6f, test MRR 0.2797`` (or its checkpoint path,
+    for runs from before the hash was recorded); None without HittER."""
+    if result["kg"] == "none":
+        return None
+    identity = result.get("kg_identity") or {}
+    if "sha256" not in identity:
+        return f"{result.get('kg_checkpoint')} (identity not recorded)"
+    mrr = identity.get("test_mrr", identity.get("valid_mrr"))
+    kind = "test" if "test_mrr" in identity else "valid"
+    return f"sha {identity['sha256']}" + (f", {kind} MRR {mrr:.4f}" if mrr is not None else "")
 
 
 def protocol_label(result: dict[str, Any]) -> str:
@@ -145,8 +159,12 @@ def build_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     test accuracy (%) over seeds; add paired gains over the plain LM and the breakdown."""
     cells: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = {}
     sizes: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+    hitters = {hitter_label(r) for r in results} - {None}
     for r in results:
-        key = (row_label(r), protocol_label(r), r["dataset"], r["split"])
+        label = row_label(r)
+        if len(hitters) > 1 and hitter_label(r) is not None:  # never averaged together
+            label += f" [HittER {hitter_label(r)}]"
+        key = (label, protocol_label(r), r["dataset"], r["split"])
         size = (r.get("train_examples"), r["test"].get("total"))
         if sizes.setdefault(key, size) != size:
             raise ValueError(f"runs of {key} differ in train / test size ({sizes[key]} and "

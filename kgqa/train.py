@@ -10,14 +10,16 @@ One run = one dataset, one split, one seed (``recipes/finetune_qa.sh`` loops ove
 code on several processes.)
 
 * Model (:mod:`kgqa.model`): the LM, HittER from its checkpoint (or no KG: the plain-LM
-  baseline) and the cross-attention adapters; batches carry the topic entities'
+  baseline) and the reader ``model.reader`` names (:mod:`kgqa.readers`: the paper's
+  cross-attention adapters, a head, or both); batches carry the topic entities'
   neighbourhoods in HittER's graph (:mod:`kgqa.batches`).
 * Data: the prepared splits (:func:`kgqa.prepare.load_qa_splits`, prepared on first use).
-* Optimisation (:class:`kgqa.config.QATrainConfig`): AdamW, new cross-attention modules at
-  ``lr_adapters`` (5e-5), pretrained weights (LM, and HittER unless frozen) at ``lr_pretrained``
-  (5e-6); weight decay except on biases and LayerNorm weights; linear warm-up over 10% of the
-  steps, then linear decay to 0 (``hitter_core.optim``); gradient clipping 1.0 (DeepSpeed,
-  global norm); batch 16 per process; 20 epochs. LM weights that the LM checkpoint lacks
+* Optimisation (:class:`kgqa.config.QATrainConfig`): AdamW, the reader's new modules (the
+  paper's cross-attention adapters, a head) at ``lr_adapters`` (5e-5), pretrained weights
+  (LM, and HittER unless frozen) at ``lr_pretrained`` (5e-6); weight decay except on biases
+  and LayerNorm weights; linear warm-up over 10% of the steps, then linear decay to 0
+  (``hitter_core.optim``); gradient clipping 1.0 (DeepSpeed, global norm); batch 16 per
+  process; 20 epochs. LM weights that the LM checkpoint lacks
   (the MLM head of the offline MiniLM, never bert-base-uncased's) train at ``lr_adapters``.
 * Selection: dev accuracy (the dev split carved from train) every ``eval_every`` epochs; the
   best model and its tokenizer are saved atomically to ``<output_dir>/best``; the test split is
@@ -46,23 +48,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from hitter_core.checkpoint import MetricsLogger, write_dir_atomically
+from hitter_core.checkpoint import MetricsLogger, hitter_identity, write_dir_atomically
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
-from hitter_core.config import (
-    DEFAULT_KG,
-    HittERConfig,
-    load_sections,
-)
+from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed, initialize_engine
 from hitter_core.faults import crash_point
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from hitter_core.precision import resolve_precision
-from kgqa.batches import MODEL_COLUMNS, ClozeCollator, build_cloze_dataset, compute_loss
+from hitter_core.sections import load_sections
+from kgqa.batches import MODEL_COLUMNS, ClozeCollator, compute_loss
 from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, remove_last, save_last
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
-from kgqa.data import answer_is_neighbour, shuffle_topics
+from kgqa.data import answer_is_neighbour
 from kgqa.evaluate import (
     METRICS_FILE,
     accuracy,
@@ -72,11 +71,10 @@ from kgqa.evaluate import (
     write_predictions,
 )
 from kgqa.lm import resolve_lm
-from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index, set_head_tables
+from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index
 from kgqa.model_card import qa_card
-from kgqa.prepare import load_qa_splits
+from kgqa.prepare import cloze_splits
 from kgqa.report import PREDICTIONS_FILE, run_variant
-from kgqa.verbalise import kg_texts
 
 logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "qa-paper"
@@ -86,7 +84,8 @@ def optimizer_groups(
     model: KGEnhancedLM, train: QATrainConfig, fresh: Set[str] = frozenset()
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups over the trainable parameters (each once; tied weights once):
-    the adapters and the ``fresh`` (newly initialised, by name) LM weights at ``lr_adapters``,
+    the reader's new modules (adapters, head: ``KGEnhancedLM.new_modules``) and the ``fresh``
+    (newly initialised, by name) LM weights at ``lr_adapters``,
     every other (pretrained) weight at ``lr_pretrained``; weight decay on every parameter
     except biases and LayerNorm weights (REFERENCE.md)."""
     no_decay = set()
@@ -94,7 +93,7 @@ def optimizer_groups(
         for name, p in module.named_parameters(recurse=False):
             if name == "bias" or isinstance(module, nn.LayerNorm):
                 no_decay.add(id(p))
-    new = {id(p) for a in model.adapters() for p in a.parameters()}
+    new = {id(p) for a in model.new_modules() for p in a.parameters()}
     new |= {id(p) for n, p in model.named_parameters() if n in fresh}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for p in model.parameters():
@@ -139,6 +138,7 @@ class Trainer:
         ds_config: str | Path | None = None, resume: bool = False, overwrite: bool = False,
     ) -> None:
         cfg = self.train_config = train_config
+        model_config.check_reader()  # before any work: the reader and kg_checkpoint agree
         self.model_config = model_config  # as asked for (model cards)
         self.rank, self.world_size, self.device = init_distributed()
         transformers.set_seed(cfg.seed)
@@ -166,7 +166,7 @@ class Trainer:
                                  f"{kg_name}; QA questions are linked to {DEFAULT_KG}")
             self.neighbours = build_neighbour_index(
                 self.model.config.kg_config, data_dir, cache_dir, kg=kg)
-        set_head_tables(self.model, kg, self.tokenizer)
+        self.model.head.set_tables(kg, self.tokenizer)  # names etc. the reader keeps
         if self.rank == 0:
             n_new = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
             logger.info("LM weights newly initialised (trained at lr_adapters): %d", n_new)
@@ -208,30 +208,9 @@ class Trainer:
         self, data_dir: Path, cache_dir: Path, model_config: KGQAConfig,
         kg: KnowledgeGraph | None,
     ) -> dict[str, Dataset]:
-        """The cloze datasets of train / dev / test, with the controls and baselines of
-        ``train.shuffle_topics`` and ``model.kg_text_length``."""
-        cfg = self.train_config
-        splits = load_qa_splits(data_dir, cfg.dataset, cfg.split, cfg.dev_fraction, cache_dir)
-        if cfg.max_train_examples is not None:
-            splits["train"] = splits["train"][: cfg.max_train_examples]
-        if cfg.max_eval_examples is not None:
-            for name in ("dev", "test"):
-                splits[name] = splits[name][: cfg.max_eval_examples]
-        splits_before = splits
-        if cfg.shuffle_topics:
-            splits = {name: shuffle_topics(ex, cfg.seed) for name, ex in splits.items()}
-        # The report's breakdown is by each question's own topic, shuffled or not.
-        self.true_topics = {e.question_id: e.topic_entity for e in splits_before["test"]}
-        texts = dict.fromkeys(splits)
-        if model_config.kg_text_length:  # the order HittER's evaluation uses (default seed)
-            order = NeighbourIndex.build(kg, seed=HittERConfig().neighbour_order_seed,
-                                         cache_dir=cache_dir)
-            texts = {name: kg_texts(ex, kg, order, self.tokenizer,
-                                    model_config.kg_text_length, model_config.max_neighbours)
-                     for name, ex in splits.items()}
-        return {name: build_cloze_dataset(splits[name], self.tokenizer, cache_dir / "cloze",
-                                          kg_texts=texts[name])
-                for name in ("train", "dev", "test")}
+        data, self.true_topics = cloze_splits(model_config, self.train_config, self.tokenizer,
+                                              kg, data_dir, cache_dir)
+        return data
 
     def loader(
         self, split: str, batch_size: int, sampler: DistributedSampler | None = None
@@ -327,6 +306,8 @@ class Trainer:
         metrics = {
             "dataset": cfg.dataset, "split": cfg.split, "lm": Path(model_cfg.lm).name,
             "kg": kg_mode, "kg_checkpoint": model_cfg.kg_checkpoint, "seed": cfg.seed,
+            "kg_identity": None if model_cfg.kg_checkpoint is None else hitter_identity(
+                model_cfg.kg_checkpoint),  # which HittER: the report never mixes two
             "variant": run_variant(model_cfg, cfg),
             "best_epoch": self.state.best_epoch,
             "dev": {"accuracy": self.state.best, "total": len(self.data["dev"])},

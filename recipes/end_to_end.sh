@@ -15,12 +15,12 @@
 # recipes/kg_gain.sh). Settings (environment; README "Main job"):
 #   OUT                  output root [runs/end_to_end]
 #   KG_STEPS             cap on HittER training steps of 512 triples (train.max_steps, smoke
-#                        runs); empty: the whole cpu-base preset (7 epochs, 3,724 steps) []
+#                        runs); empty: the whole cpu-base preset (8 epochs, 4,256 steps) []
 #   SEEDS, SEED          seeds per QA setting and the first one [1, 333]
 #   QA_EXTRA             more kgqa.train overrides for both QA runs, e.g.
 #                        "train.max_train_examples=32" (smoke runs), "model.freeze_kg=false"
 #                        (HittER co-trained), or the paper's block instead of the link head:
-#                        "model.adapter=paper model.link_head=false"
+#                        "model.reader=paper" (the paper's adapters), "model.reader=paper+link"
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail
 # A worker stops when this recipe is gone, even after kill -9 (hitter_core.cli.stop_with_recipe).

@@ -51,7 +51,9 @@ done
 
 PYTHON="${PYTHON:-python}"
 kg_tag=nokg
-if [[ "$kg" != none ]]; then
+if [[ "$kg" == none ]]; then
+  sets+=(model.reader=none)  # the plain LM, whatever the preset's reader
+else
   [[ -f "$kg/config.json" ]] || { echo "no HittER checkpoint at $kg" >&2; exit 2; }
   sets+=("model.kg_checkpoint=$kg") kg_tag=hitter
   if [[ $freeze == 1 ]]; then sets+=(model.freeze_kg=true); kg_tag=hitter-frozen; fi

@@ -6,27 +6,14 @@
 #   bash recipes/kg_gain.sh --kg-checkpoint runs/hitter-cpu-base/best --seeds 5
 #   bash recipes/kg_gain.sh --dataset freebaseqa --rows lm,copy,text --seeds 3 --jobs 2
 #
-# Rows (--rows, comma-separated; default all):
-#   lm              the plain LM (no KG)
-#   text            the plain LM with the topic's neighbourhood as text (kgqa.verbalise)
-#   paper           + HittER through the paper's cross-attention adapters
-#   gated           + HittER through zero-initialised gated adapters
-#   paper-untrained, paper-shuffled, gated-untrained, gated-shuffled   the adapter rows'
-#                   two controls: an untrained HittER of the same shape; shuffled topics
-#   copy            + HittER read by the copy head (kgqa.copy_head), 256 neighbours
-#   copy-names      the copy head whose keys also read names and relation texts
-#   copy-cotrained  the copy head, HittER co-trained
-#   copy-names-cotrained   copy-names, HittER co-trained
-#   copy-untrained  control: the copy head over an untrained HittER of the same shape
-#   copy-shuffled   control: the copy head, every question given another question's topic
-#   copy-names-untrained, copy-names-shuffled   the same two controls for copy-names
-#   link            + HittER's own link prediction answers (kgqa.link_head): no neighbour list
-#   link-cotrained  the link head, HittER co-trained
-#   link-untrained, link-shuffled   the two controls for the link head
-#   link-cotrained-untrained, link-cotrained-shuffled   the same two for link-cotrained (an
-#                   untrained HittER co-trained on the questions; shuffled topics, co-trained)
-#   link-conf       the link head whose weight also reads how sure it is (model.link_confidence)
-#   link-conf-untrained, link-conf-shuffled   its two controls
+# Rows (--rows, comma-separated; default all): READER[-cotrained][-untrained|-shuffled]
+#   READER          lm (the plain LM, no KG), or a reader of kgqa.readers (model.reader):
+#                   text (the neighbourhood as text), paper, gated (cross-attention adapters),
+#                   copy, copy-names (the copy head, 256 neighbours), link, link-conf (the link
+#                   head; link-confidence), or an adapter reader + a head, e.g. paper+link
+#   -cotrained      HittER co-trained (model.freeze_kg=false; the protocol freezes it)
+#   -untrained      control: an untrained HittER of the same shape (model.kg_init=random)
+#   -shuffled       control: every question given another question's topic
 # Options: --dataset webqsp|freebaseqa [webqsp], --split filtered|full [filtered],
 #   --kg-checkpoint DIR (HittER, for the KG rows), --seeds N [5], --seed S [333],
 #   --jobs J (runs at a time, one thread each; [1] = one run with all threads),
@@ -62,43 +49,21 @@ rows="${rows:-lm,text,paper,gated,paper-untrained,paper-shuffled,gated-untrained
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
-copy=(model.adapter=none model.copy_head=true model.max_neighbours=256)
-link=(model.adapter=none model.link_head=true)
-conf=("${link[@]}" model.link_confidence=true)
-row_overrides() {  # the overrides of one row
-  case "$1" in
-    lm) echo "model.kg_checkpoint=null" ;;
-    text) echo "model.kg_checkpoint=null model.kg_text_length=128" ;;
-    paper) echo "model.kg_checkpoint=$kg model.adapter=paper" ;;
-    gated) echo "model.kg_checkpoint=$kg model.adapter=gated" ;;
-    paper-untrained | gated-untrained)
-      echo "model.kg_checkpoint=$kg model.adapter=${1%-*} model.kg_init=random" ;;
-    paper-shuffled | gated-shuffled)
-      echo "model.kg_checkpoint=$kg model.adapter=${1%-*} train.shuffle_topics=true" ;;
-    copy) echo "model.kg_checkpoint=$kg ${copy[*]}" ;;
-    copy-names) echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true" ;;
-    copy-cotrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.freeze_kg=false" ;;
-    copy-names-cotrained)
-      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true model.freeze_kg=false" ;;
-    copy-untrained) echo "model.kg_checkpoint=$kg ${copy[*]} model.kg_init=random" ;;
-    copy-shuffled) echo "model.kg_checkpoint=$kg ${copy[*]} train.shuffle_topics=true" ;;
-    copy-names-untrained)
-      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true model.kg_init=random" ;;
-    copy-names-shuffled)
-      echo "model.kg_checkpoint=$kg ${copy[*]} model.copy_name_keys=true train.shuffle_topics=true" ;;
-    link) echo "model.kg_checkpoint=$kg ${link[*]}" ;;
-    link-cotrained) echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false" ;;
-    link-untrained) echo "model.kg_checkpoint=$kg ${link[*]} model.kg_init=random" ;;
-    link-shuffled) echo "model.kg_checkpoint=$kg ${link[*]} train.shuffle_topics=true" ;;
-    link-cotrained-untrained)
-      echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false model.kg_init=random" ;;
-    link-cotrained-shuffled)
-      echo "model.kg_checkpoint=$kg ${link[*]} model.freeze_kg=false train.shuffle_topics=true" ;;
-    link-conf) echo "model.kg_checkpoint=$kg ${conf[*]}" ;;
-    link-conf-untrained) echo "model.kg_checkpoint=$kg ${conf[*]} model.kg_init=random" ;;
-    link-conf-shuffled) echo "model.kg_checkpoint=$kg ${conf[*]} train.shuffle_topics=true" ;;
-    *) echo "kg_gain.sh: unknown row '$1' (see --help)" >&2; return 2 ;;
+row_overrides() {  # the overrides of one row: READER[-cotrained][-untrained|-shuffled]
+  local row=$1 reader sets=""
+  case "$row" in
+    *-untrained) sets+=" model.kg_init=random"; row=${row%-untrained} ;;
+    *-shuffled) sets+=" train.shuffle_topics=true"; row=${row%-shuffled} ;;
   esac
+  [[ $row == *-cotrained ]] && { sets+=" model.freeze_kg=false"; row=${row%-cotrained}; }
+  reader=$row
+  [[ $reader == *link-conf ]] && reader=${reader}idence  # the row's short name
+  case "$reader" in
+    lm) echo "model.reader=none model.kg_checkpoint=null"; return ;;
+    text) echo "model.reader=text model.kg_checkpoint=null"; return ;;
+    *copy*) sets+=" model.max_neighbours=256" ;;
+  esac
+  echo "model.kg_checkpoint=$kg model.reader=$reader$sets"
 }
 
 tasks=()

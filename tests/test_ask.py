@@ -2,8 +2,12 @@
 text, so only the KG input (the topic's neighbours, read by the copy head) tells them apart:
 ask answers each, shows the answer entity as the top KG evidence, and links topics by name."""
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from hitter_core.config import HittERConfig
@@ -14,7 +18,7 @@ from kgqa.ask import ask, link_topic, main
 from kgqa.batches import make_batch
 from kgqa.config import KGQAConfig
 from kgqa.data import QAExample
-from kgqa.model import build_model, name_pieces, set_head_tables
+from kgqa.model import KGEnhancedLM, build_model
 
 NAMES = ["paris", "france", "berlin", "germany", "rome", "italy", "europe"]
 TRAIN = ["paris\tcapital_of\tfrance", "berlin\tcapital_of\tgermany", "rome\tcapital_of\titaly",
@@ -37,12 +41,12 @@ def trained(tmp_path_factory, minilm_path):
                         num_relations=kg.num_relations, hidden_size=32, num_attention_heads=2,
                         intermediate_size=64, num_context_layers=1, max_neighbours=8)
            ).save_pretrained(root / "hitter")
-    config = KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"), adapter="none",
-                        copy_head=True, freeze_kg=True, max_neighbours=8)
+    config = KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"), reader="copy",
+                        freeze_kg=True, max_neighbours=8)
     model, _ = build_model(config)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     model.mask_token_id = tokenizer.mask_token_id
-    model.copy_head.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+    model.head.set_tables(kg, tokenizer)
     index = NeighbourIndex.build(kg, seed=model.config.kg_config["neighbour_order_seed"])
     examples = [QAExample(f"q{i}", q, kg.entity_names.index(t), a, kg.entity_names.index(a))
                 for i, (q, t, a) in enumerate(QUESTIONS)]
@@ -96,12 +100,36 @@ def test_link_head_evidence_is_the_relations_asked(trained, minilm_path):
     with the question's weight on each (every relation of the topic, in either direction)."""
     _, tokenizer, kg, index, root = trained
     model, _ = build_model(KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"),
-                                      adapter="none", link_head=True, freeze_kg=True))
+                                      reader="link", freeze_kg=True))
     model.mask_token_id = tokenizer.mask_token_id
-    set_head_tables(model, kg, tokenizer)
+    model.head.set_tables(kg, tokenizer)
     got = ask(model.eval(), tokenizer, kg, index, QUESTION, kg.entity_names.index("france"),
               max_masks=1)
     assert {e.fact for e in got.evidence} == {"(?, capital_of, france)",
                                               "(france, part_of, ?)"}
     assert sum(e.weight for e in got.evidence) == pytest.approx(1.0)
     assert got.read == "the relations HittER was asked" and got.gate == 0.0  # beta starts at 0
+
+
+def test_a_model_saved_before_readers_loads_and_answers_the_same(trained, tmp_path):
+    """A QA model saved before model.reader (config.json with the old flags, the copy head's
+    weights under copy_head.*) loads as reader "copy" with the same weights and answers."""
+    model, tokenizer, kg, index, root = trained
+    old = tmp_path / "old"
+    shutil.copytree(root / "qa", old)
+    config = json.loads((old / "config.json").read_text())
+    del config["reader"]
+    config |= {"adapter": "none", "copy_head": True, "copy_name_keys": False,
+               "link_head": False, "link_confidence": False, "kg_text_length": 0}
+    (old / "config.json").write_text(json.dumps(config))
+    weights = load_file(old / "model.safetensors")
+    save_file({k.replace("head.", "copy_head.", 1) if k.startswith("head.") else k: v
+               for k, v in weights.items()}, old / "model.safetensors", metadata={"format": "pt"})
+    loaded = KGEnhancedLM.from_pretrained(old).eval()
+    loaded.mask_token_id = tokenizer.mask_token_id
+    assert loaded.config.reader == "copy" and type(loaded.head) is type(model.head)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    question, topic, answer = QUESTIONS[0]
+    got = ask(loaded, tokenizer, kg, index, question, kg.entity_names.index(topic), max_masks=1)
+    assert got.text == answer and got.evidence[0].entity == answer

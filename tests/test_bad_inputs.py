@@ -96,9 +96,11 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
                          "train.patience?"),
     ("train.patience=-1", "train.patience must be >= 0 (0 = never stop), got -1"),
     ("model.lm=./no/such/lm", "error: model.lm=./no/such/lm: no such directory"),
+    ("model.reader=link", "error: model.reader=link reads HittER: set model.kg_checkpoint"),
+    ("model.reader=paper+text", "model.reader 'paper+text': a combination is one adapter"),
 ])
 def test_qa_training_mistakes_are_one_line(tmp_path, capsys, override, line):
     status = run_cli(qa_train_main, ["--preset", "qa-webqsp-minilm-cpu", "--output-dir",
-                                     str(tmp_path / "run"), override])
+                                     str(tmp_path / "run"), "model.reader=none", override])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and line in err

@@ -9,20 +9,20 @@ import torch
 import yaml
 
 from hitter_core.cli import add_config_arguments, run_cli
-from hitter_core.config import (
+from hitter_core.config import HITTER_SCHEMA, HittERConfig, load_config, save_config
+from hitter_core.model import HittER
+from hitter_core.sections import (
     PRESET_DIR,
     RUN_CONFIG_NAME,
-    HittERConfig,
-    TrainConfig,
-    load_config,
+    ConfigError,
+    check_same_config,
     load_sections,
-    save_config,
     save_sections,
     sections_to_dict,
 )
-from hitter_core.model import HittER
+from kgqa.config import QA_SCHEMA
 
-PRESETS = ("fb15k-237", "wn18rr", "cpu-small", "cpu-long", "cpu-wn18rr")
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))  # every preset, QA ones too
 
 
 def test_defaults_are_the_paper_fb15k237_run():
@@ -38,12 +38,46 @@ def test_defaults_are_the_paper_fb15k237_run():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_hold_only_differences(name):
+    """Every key of a preset differs from what it overrides: the defaults, or its base's
+    resolved values (``base: PRESET``)."""
+    schema = QA_SCHEMA if name.startswith("qa-") else HITTER_SCHEMA
     raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
-    defaults = {"model": HittERConfig(), "train": TrainConfig()}
+    reference = load_sections(schema, raw.pop("base", None))
     for section, items in raw.items():
         for key, value in items.items():
-            assert getattr(defaults[section], key) != value, f"{name}: {section}.{key} is default"
-    load_config(name)  # and they load
+            assert getattr(reference[section], key) != value, f"{name}: {section}.{key} repeated"
+    load_sections(schema, name)  # and it loads
+
+
+def test_a_preset_inherits_its_base(tmp_path):
+    long, base = load_config("cpu-long"), load_config("cpu-base")
+    assert long[1].max_epochs == 14 and base[1].max_epochs == 8
+    assert dataclasses.replace(long[1], max_epochs=8, output_dir=base[1].output_dir) == base[1]
+    assert long[0] == base[0]
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_run_saved_before_model_reader_resumes_with_its_reader(tmp_path):
+    """A QA run_config.yaml with the old flags (adapter, link_head, ...) reads as its reader,
+    and --resume compares it as such; on the command line the old flags are unknown keys."""
+    saved = tmp_path / RUN_CONFIG_NAME
+    saved.write_text(yaml.safe_dump({"model": {"lm": "minilm", "kg_checkpoint": "h/best",
+                                               "adapter": "none", "link_head": True,
+                                               "link_confidence": False, "kg_text_length": 0},
+                                     "train": {"seed": 7}}))
+    assert load_sections(QA_SCHEMA, saved)["model"].reader == "link"
+    same = load_sections(QA_SCHEMA, None, ["model.lm=minilm", "model.kg_checkpoint=h/best",
+                                           "model.reader=link", "train.seed=7"])
+    check_same_config(saved, same)
+    other = load_sections(QA_SCHEMA, None, ["model.lm=minilm", "model.kg_checkpoint=h/best",
+                                            "train.seed=7"])  # the default reader, paper
+    with pytest.raises(ConfigError, match="model.reader: 'link' saved, 'paper' now"):
+        check_same_config(saved, other)
+    with pytest.raises(KeyError, match="model.link_head': replaced by model.reader"):
+        load_sections(QA_SCHEMA, None, ["model.link_head=true"])
 
 
 def test_wn18rr_preset_values():

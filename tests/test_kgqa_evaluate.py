@@ -60,7 +60,7 @@ class StubLM(nn.Module):
     def forward(self, labels, guess, **_):
         positions = labels != -100  # (B, L)
         logits = nn.functional.one_hot(guess[positions], 10).float()  # (M, V)
-        return KGQAOutput(logits=logits, labels=labels[positions],
+        return KGQAOutput(log_probs=logits.log_softmax(-1), labels=labels[positions],
                           rows=positions.nonzero()[:, 0])
 
 

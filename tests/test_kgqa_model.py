@@ -1,4 +1,4 @@
-"""KG-enhanced masked LM (kgqa/model.py, kgqa/adapters.py, kgqa/config.py, kgqa/batches.py):
+"""KG-enhanced masked LM (kgqa/model.py, kgqa/readers/adapters.py, kgqa/config.py, kgqa/batches.py):
 the layer mapping, equivalence with the stock BertForMaskedLM when no KG input flows, padding
 invariance, neighbourhoods drawn where batches are made, frozen vs co-trained HittER, parameter
 groups, save_pretrained / from_pretrained round trips and a few questions overfitted.
@@ -18,11 +18,11 @@ from transformers import AutoTokenizer, BertForMaskedLM
 from hitter_core.config import HittERConfig
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
-from kgqa.adapters import CrossAttentionAdapter, KGAttention, default_layer_mapping
 from kgqa.batches import ClozeCollator, make_batch
 from kgqa.config import KGQAConfig, QATrainConfig, format_layer_mapping, parse_layer_mapping
 from kgqa.model import KGEnhancedLM, build_model
 from kgqa.qa_readers import QAExample
+from kgqa.readers.adapters import CrossAttentionAdapter, KGAttention, default_layer_mapping
 from kgqa.train import optimizer_groups
 
 E, R = 30, 4  # tiny graph
@@ -57,6 +57,7 @@ def tiny_hitter(context_layers: int = 6, seed: int = 0) -> HittER:
 def make_model(base_lm, neighbours, kg=True, **config) -> KGEnhancedLM:
     torch.manual_seed(1)  # adapter init
     hitter = tiny_hitter() if kg else None
+    config.setdefault("reader", "paper" if kg else "none")
     model = KGEnhancedLM(KGQAConfig(lm="minilm", **config), copy.deepcopy(base_lm), hitter)
     return model.eval()
 
@@ -84,13 +85,13 @@ def batch(tokenizer, neighbours):
 
 
 def stock_logits(base_lm, batch):
-    """The plain BertForMaskedLM's logits at the labelled positions, (M, V)."""
+    """The plain BertForMaskedLM's log-probabilities at the labelled positions, (M, V)."""
     with torch.no_grad():
         logits = base_lm(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
         ).logits  # (B, L, V)
-    return logits[batch["labels"] != -100]
+    return logits[batch["labels"] != -100].log_softmax(-1)
 
 
 # ---------------------------------------------------------------------- layer mapping
@@ -137,7 +138,7 @@ def test_explicit_mapping_places_the_adapters(base_lm, neighbours):
         if isinstance(layer.attention, KGAttention)
     }
     assert wrapped == {1: 6, 5: 3} == model.layer_mapping
-    assert len(model.adapters()) == 2
+    assert len(model.new_modules()) == 2
     with pytest.raises(ValueError, match="out of range"):
         make_model(base_lm, neighbours, layer_mapping="7:2")
     with pytest.raises(ValueError, match="out of range"):
@@ -152,8 +153,8 @@ def test_baseline_equals_stock_lm_at_mask_positions(base_lm, neighbours, batch):
     with torch.no_grad():
         out = model(**batch)
     expected = stock_logits(base_lm, batch)
-    assert out.logits.shape == expected.shape
-    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert out.log_probs.shape == expected.shape
+    torch.testing.assert_close(out.log_probs, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_no_kg_rows_are_unchanged_in_a_mixed_batch(base_lm, neighbours, batch):
@@ -162,12 +163,12 @@ def test_no_kg_rows_are_unchanged_in_a_mixed_batch(base_lm, neighbours, batch):
         out = model(**batch)
         none = model(**{**batch, "topic_entity": torch.full((4,), -1)})
     expected = stock_logits(base_lm, batch)
-    torch.testing.assert_close(none.logits, expected, rtol=1e-5, atol=1e-5)  # adapters idle
+    torch.testing.assert_close(none.log_probs, expected, rtol=1e-5, atol=1e-5)  # adapters idle
     plain = batch["topic_entity"][out.rows] < 0  # (M,) positions of the no-KG question
     assert plain.any() and not plain.all()
-    torch.testing.assert_close(out.logits[plain], expected[plain], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_probs[plain], expected[plain], rtol=1e-5, atol=1e-5)
     # ... while the KG does reach the other questions.
-    assert (out.logits[~plain] - expected[~plain]).abs().max() > 1e-2
+    assert (out.log_probs[~plain] - expected[~plain]).abs().max() > 1e-2
 
 
 def test_kg_padding_changes_nothing(base_lm, neighbours, batch):
@@ -182,9 +183,10 @@ def test_kg_padding_changes_nothing(base_lm, neighbours, batch):
     two = {k: v[:1].repeat(2, *([1] * (v.dim() - 1))) for k, v in batch.items()}
     one_topic, two_topics = torch.tensor([small]), torch.tensor([small, big])
     with torch.no_grad():
-        alone = model(**{**one, "topic_entity": one_topic, **collate.gather(one_topic)}).logits
+        alone = model(**{**one, "topic_entity": one_topic,
+                         **collate.gather(one_topic)}).log_probs
         padded = model(**{**two, "topic_entity": two_topics, **collate.gather(two_topics)})
-    torch.testing.assert_close(padded.logits[padded.rows == 0], alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded.log_probs[padded.rows == 0], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_masks_kg_padding():
@@ -234,11 +236,11 @@ def test_logits_only_at_mask_positions(base_lm, neighbours, batch, tokenizer):
         unlabelled = model(**{k: v for k, v in batch.items() if k != "labels"})
     pieces = [len(tokenizer(a, add_special_tokens=False)["input_ids"])
               for a in ["paris", "william shakespeare", "honolulu", "portuguese"]]
-    assert out.logits.shape == (sum(pieces), base_lm.config.vocab_size)
+    assert out.log_probs.shape == (sum(pieces), base_lm.config.vocab_size)
     assert out.rows.tolist() == [i for i, n in enumerate(pieces) for _ in range(n)]
     assert out.labels.tolist() == batch["labels"][batch["labels"] != -100].tolist()
     assert torch.isfinite(out.loss)
-    torch.testing.assert_close(unlabelled.logits, out.logits)  # [MASK] ids give the positions
+    torch.testing.assert_close(unlabelled.log_probs, out.log_probs)  # [MASK] ids: the positions
     assert unlabelled.loss is None
 
 
@@ -253,11 +255,11 @@ def test_frozen_or_cotrained_hitter(base_lm, neighbours, batch, freeze_kg):
     hitter_params = list(model.hitter.parameters())
     got_grad = [p.grad is not None and p.grad.abs().sum() > 0 for p in hitter_params]
     assert not any(got_grad) if freeze_kg else any(got_grad)
-    assert all(p.grad is not None for a in model.adapters() for p in a.parameters())
+    assert all(p.grad is not None for a in model.new_modules() for p in a.parameters())
 
     train = QATrainConfig()
     lr_of = {id(p): g["lr"] for g in optimizer_groups(model, train) for p in g["params"]}
-    adapters = {id(p) for a in model.adapters() for p in a.parameters()}
+    adapters = {id(p) for a in model.new_modules() for p in a.parameters()}
     assert adapters and all(lr_of[i] == train.lr_adapters for i in adapters)
     assert all(lr_of[id(p)] == train.lr_pretrained
                for p in model.lm.bert.encoder.layer[0].parameters())
@@ -269,7 +271,7 @@ def test_optimizer_groups(base_lm, neighbours):
     model = make_model(base_lm, neighbours)
     train = QATrainConfig()
     groups = optimizer_groups(model, train)
-    adapter = model.adapters()[0]
+    adapter = model.new_modules()[0]
     by_param = {id(p): g for g in groups for p in g["params"]}
     assert by_param[id(adapter.query.weight)]["lr"] == train.lr_adapters == 5e-5
     assert by_param[id(adapter.query.weight)]["weight_decay"] == 0.01
@@ -289,18 +291,19 @@ def test_optimizer_groups(base_lm, neighbours):
 def test_save_pretrained_round_trips_exactly(neighbours, batch, tokenizer, tmp_path, kg):
     """The standard save_pretrained / from_pretrained: same logits bit for bit, the layer
     mapping actually used and the freeze flag kept, tied LM weights tied again."""
-    overrides = {}
+    overrides = {"reader": "none"}
     if kg:
         tiny_hitter().save_pretrained(tmp_path / "hitter")
         overrides = dict(kg_checkpoint=str(tmp_path / "hitter"), layer_mapping="4:3,6:6",
-                         freeze_kg=True)
+                         freeze_kg=True, reader="paper")
     model, fresh = build_model(KGQAConfig(lm="minilm", **overrides))
     assert "lm.cls.predictions.transform.dense.weight" in fresh  # MiniLM has no MLM head
     model.eval().save_pretrained(tmp_path / "qa")
     tokenizer.save_pretrained(tmp_path / "qa")
     loaded = KGEnhancedLM.from_pretrained(tmp_path / "qa").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(**batch).log_probs, model(**batch).log_probs,
+                                   rtol=0, atol=0)
     lm = loaded.lm
     assert lm.cls.predictions.decoder.weight is lm.bert.embeddings.word_embeddings.weight
     saved = json.loads((tmp_path / "qa" / "config.json").read_text())
@@ -376,6 +379,6 @@ def test_overfits_a_few_questions(base_lm, neighbours, tokenizer):
     with torch.no_grad():
         out = model(**batch)
     wrong = torch.zeros(len(questions)).index_add_(
-        0, out.rows, (out.logits.argmax(-1) != out.labels).float()
+        0, out.rows, (out.log_probs.argmax(-1) != out.labels).float()
     )  # (B,) wrong pieces per question
     assert (wrong == 0).all(), f"loss {loss.item():.3f}, wrong pieces {wrong.tolist()}"

@@ -5,6 +5,7 @@ config, the best checkpoint, the predictions file and the metrics.
 
 The LM is the offline MiniLM (or a tiny random BERT); HittER is tiny and random (width 32)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,10 +19,11 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from hitter_core import precision
-from hitter_core.config import ConfigError, HittERConfig, load_sections
+from hitter_core.config import HittERConfig
 from hitter_core.distributed import init_distributed
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
+from hitter_core.sections import ConfigError, load_sections
 from kgqa import train as qa_train
 from kgqa.batches import ClozeCollator, compute_loss
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
@@ -50,7 +52,7 @@ def neighbours():
 @pytest.fixture(scope="module")
 def minilm():
     """MiniLM as build_model loads it, with the names of its newly initialised weights."""
-    return build_model(KGQAConfig(lm="minilm"))
+    return build_model(KGQAConfig(lm="minilm", reader="none"))
 
 
 def kg_model(minilm, freeze_kg: bool) -> KGEnhancedLM:
@@ -115,7 +117,7 @@ def test_two_learning_rates_and_weight_decay(minilm, freeze_kg):
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert {g["lr"] for g in groups} == {5e-5, 5e-6}
 
-    adapters = [p for a in model.adapters() for p in a.parameters()]
+    adapters = [p for a in model.new_modules() for p in a.parameters()]
     assert adapters and all(lr_of[id(p)] == 5e-5 for p in adapters)
     head = model.lm.cls.predictions.transform.dense.weight  # newly initialised in MiniLM
     assert lr_of[id(head)] == 5e-5
@@ -227,6 +229,10 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
     assert (saved["dataset"], saved["split"], saved["kg"], saved["seed"]) == (
         "webqsp", "filtered", "co-trained", 7)
     assert saved["train_examples"] == 16 and saved["epochs_run"] == 2
+    digest = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()[:12]
+    assert saved["kg_identity"] == {"checkpoint": str(ckpt), "sha256": digest,
+                                    "dataset": "fb15k-237"}  # no metrics beside a bare save
+    assert saved["variant"]["reader"] == "paper"
     devs = [h["dev_accuracy"] for h in saved["history"]]
     assert saved["best_epoch"] == 1 + devs.index(max(devs))  # first best on dev
     rows = [json.loads(x) for x in (out / "predictions.test.jsonl").read_text().splitlines()]

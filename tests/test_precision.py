@@ -9,9 +9,10 @@ import torch
 
 from hitter_core import precision
 from hitter_core.batches import compute_loss, make_batch
-from hitter_core.config import ConfigError, load_config
+from hitter_core.config import load_config
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
+from hitter_core.sections import ConfigError
 from tests.test_gpu import E, R, no_dropout, random_triples, tiny_config
 
 

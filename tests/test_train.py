@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
 from hitter_core.checkpoint import TRAINER_STATE, CorruptCheckpoint, TrainState
-from hitter_core.config import RUN_CONFIG_NAME, ConfigError, HittERConfig, load_config
+from hitter_core.config import HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
 from hitter_core.distributed import (
     StaleBuildLock,
@@ -38,6 +38,7 @@ from hitter_core.optim import (
     linear_schedule,
 )
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
+from hitter_core.sections import RUN_CONFIG_NAME, ConfigError
 from hitter_core.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,6 +394,34 @@ def test_validation_keeps_best_and_stops_early(tmp_path, one_thread):
     assert json.loads((tmp_path / "run" / "best" / "valid_metrics.json").read_text())["step"] == 10
     saved = torch.load(tmp_path / "run" / "last" / TRAINER_STATE, weights_only=True)
     assert TrainState(**saved["state"]) == state
+
+
+def test_a_failing_compiled_step_is_redone_eager(tmp_path, one_thread, monkeypatch, caplog):
+    """train.compile: when the compiled layers fail (here torch.compile hands back a function
+    that raises, as the CPU backward once did), the step is redone eager with one warning and
+    training stays eager, ending exactly where an eager run ends."""
+    kg = synthetic_kg(tmp_path)
+    common = ("train.batch_size=8", "train.max_steps=6", "train.max_epochs=10",
+              "train.validate_every=100")
+    eager = Trainer(*configs(kg, tmp_path / "eager", *common), kg=kg)
+    eager.fit()
+
+    def broken(function, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("setStorage: storage size out of bounds")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    compiled = Trainer(*configs(kg, tmp_path / "compiled", *common, "train.compile=true"), kg=kg)
+    assert len(compiled.compiled.layers) == 2  # the entity layer and the context layer
+    with caplog.at_level(logging.WARNING, logger="hitter_core.compiled"):
+        compiled.fit()
+    warnings = [r for r in caplog.records if "redone and continued eager" in r.getMessage()]
+    assert len(warnings) == 1 and "setStorage" in warnings[0].getMessage()
+    assert compiled.compiled.layers == [] and compiled.state.step == 6
+    for (name, value), other in zip(eager.model.state_dict().items(),
+                                    compiled.model.state_dict().values(), strict=True):
+        assert torch.equal(value, other), name
 
 
 def test_patience_zero_never_stops(tmp_path, one_thread):

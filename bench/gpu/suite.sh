@@ -171,10 +171,10 @@ if [[ $dry == 0 ]]; then
   speed_step bf16-cudnn "$t_speed" --bf16 --sdpa-backend torch --profile
 fi
 
-kg_sets=(model.kg_checkpoint=null)
-if [[ -f $work/runs/fb15k-237/best/config.json ]]; then
-  kg_sets=(model.kg_checkpoint="$work/runs/fb15k-237/best" model.adapter=none model.copy_head=true
-           model.copy_name_keys=true model.max_neighbours=256 model.freeze_kg=false)
+kg_sets=(model.reader=none model.kg_checkpoint=null)
+if [[ -f $work/runs/fb15k-237/best/config.json ]]; then  # the adapters and the link head, co-trained
+  kg_sets=(model.kg_checkpoint="$work/runs/fb15k-237/best" model.reader=paper+link
+           model.freeze_kg=false)
 fi
 step qa-smoke "$t_qa" "$PYTHON" -m kgqa.train --preset qa-kg-gain-minilm-cpu \
   --output-dir "$work/runs/qa-smoke" --data-dir "$KGQA_DATA_DIR" model.lm="$work/minilm" \

@@ -1,9 +1,11 @@
-"""A KG link-prediction head: HittER itself answers the question (not in the paper).
+"""The link reader (``model.reader=link``, ``link-confidence``): HittER itself answers the
+question by link prediction (not in the paper).
 
-The copy head (:mod:`kgqa.copy_head`) points at the topic's neighbours, so whatever reads the
+The copy head (:mod:`kgqa.readers.copy`) points at the topic's neighbours, so whatever reads the
 neighbour list gains, a randomly initialised HittER too (issue "knowledge that helps": its
-untrained control keeps most of the gain). This head gets no neighbour list: its answer comes
-from HittER's link prediction alone, so it is only as good as HittER's knowledge.
+untrained control keeps most of the gain). This head reads no neighbour list itself: its
+answer comes from HittER's link prediction (HittER reading the topic's first ``max_neighbours``
+neighbours as its context, as in link prediction), so it is only as good as HittER's knowledge.
 
 * The question asks for the object of an unknown relation of its topic t (the released data
   gives none). Each relation id in [0, 2R) (r >= R: the reciprocal, "(?, r - R, t)") is scored
@@ -19,7 +21,7 @@ from HittER's link prediction alone, so it is only as good as HittER's knowledge
   ``p_KG(e) = sum_r p(r | q, t) softmax_e(s(t, r, e) / T)`` with a learned temperature T.
 * Only entities whose name has as many word pieces as the question has [MASK] tokens are
   candidates (as for the copy head); ``p_KG`` is renormalised over the C of them and put on
-  their names' word pieces (:meth:`kgqa.copy_head.NameCopier.on_names`): ``m_KG(v)`` at each
+  their names' word pieces (:meth:`kgqa.readers.names.NameReader.on_names`): ``m_KG(v)`` at each
   mask, and ``m_U(v)`` for the uniform distribution over the same candidates.
 * HittER's opinion enters as a product of experts, not as a mixture:
   ``logits = LM logits + beta * (log(1 + C m_KG(v)) - log(1 + C m_U(v)))``, a boost for the
@@ -29,7 +31,7 @@ from HittER's link prediction alone, so it is only as good as HittER's knowledge
   ``(1 - lam) p_LM + lam p_KG`` as the copy head does: HittER's confident wrong answers then
   won the argmax: WebQSP filtered dev accuracy 0.26 after 13 of 20 epochs, the plain LM 0.53.
   A weak link predictor is useful as a prior that reorders the LM's own candidates.)
-* With ``confidence`` (``model.link_confidence``), beta also reads three figures of how sure
+* With ``confidence`` (``link-confidence``), beta also reads three figures of how sure
   the head is, each in [0, 1] or a logit, through weights zero at the start: the best relation
   logit (does any relation of the topic match the question?), the certainty of
   ``p(r | q, t)`` (1 - its entropy / log of the topic's relation count) and of HittER's answer
@@ -45,27 +47,25 @@ with an untrained HittER ``p_KG`` is near uniform over the candidates, the boost
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig
+from transformers import PreTrainedConfig
 
-from kgqa.copy_head import NameCopier, mask_queries, mean_embedding
-
-
-class LinkOutput(NamedTuple):
-    log_probs: torch.Tensor  # (M, V) log p at the M mask positions
-    relation_probs: torch.Tensor  # (B_kg, 2R) p(r | q, t) for each question with KG input
-    gate: torch.Tensor  # (B_kg,) beta, the weight of HittER's opinion
+from kgqa.readers.base import Explanation, Fact, ReaderInput, ReaderOutput
+from kgqa.readers.names import NameReader, mask_queries, name_pieces
+from kgqa.verbalise import relation_texts
 
 
-class KGLinkHead(NameCopier):
+class LinkReader(NameReader):
     """Reads the question's relation, lets HittER predict the object, copies its name."""
 
-    def __init__(self, lm_config: BertConfig, num_entities: int, num_relations: int,
+    def __init__(self, lm_config: PreTrainedConfig, kg_config: Any,
                  confidence: bool = False) -> None:
+        num_entities, num_relations = kg_config.num_entities, kg_config.num_relations
         super().__init__(num_entities, num_relations)
+        self.max_neighbours = kg_config.max_neighbours  # HittER's own context width
         d = lm_config.hidden_size
         self.relation = nn.Linear(d, 2 * num_relations)  # which relation the question asks
         self.query = nn.Linear(d, d)  # ... and its match with the relation texts
@@ -87,6 +87,11 @@ class KGLinkHead(NameCopier):
         # (E, 2R) True where entity e has relation r (r >= R: incoming edges) in the train graph.
         self.register_buffer("entity_relations",
                              torch.zeros(num_entities, 2 * num_relations, dtype=torch.bool))
+
+    def set_tables(self, kg: Any, tokenizer: Any) -> None:
+        self.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+        self.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
+        self.set_graph(kg.train)
 
     def set_graph(self, train: torch.Tensor) -> None:
         """The relations each entity has, from the (T, 3) train triples (head, relation, tail):
@@ -131,32 +136,49 @@ class KGLinkHead(NameCopier):
         sure_kg = torch.where(C > 1, kl / C.clamp(min=2).log(), 0.0)
         return torch.stack([best, sure_r, sure_kg], dim=1)
 
-    def forward(
-        self,
-        lm_logits: torch.Tensor,
-        mask_states: torch.Tensor,
-        rows: torch.Tensor,
-        batch_size: int,
-        kg_rows: torch.Tensor,
-        topics: torch.Tensor,
-        query_rows: torch.Tensor,
-        query_relations: torch.Tensor,
-        scores: torch.Tensor,
-        word_embeddings: nn.Embedding,
-    ) -> LinkOutput:
-        """lm_logits (M, V) and mask_states (M, D) at the M [MASK] positions in row-major order,
-        rows (M,) their batch row; kg_rows (B_kg,) the rows with KG input and topics (B_kg,)
-        their topic entities; query_rows, query_relations (Q,) from :meth:`queries` and
-        scores (Q, E) HittER's scores of every entity for each query; the LM's word embeddings
-        (for the relation texts)."""
-        q, counts, slot = mask_queries(mask_states, rows, batch_size)  # (B, D), (B,), (M,)
+    def predict_links(self, x: ReaderInput
+                      ) -> tuple[torch.Tensor, ...] | None:
+        """HittER's link prediction for every relation of every topic: ``(kg_rows (B_kg,),
+        topics (B_kg,), query_rows (Q,), query_relations (Q,), scores (Q, E))``, each query
+        reading the batch's first ``max_neighbours`` (HittER's own number) of the topic's
+        neighbours; None without a topic."""
+        if x.topic_entity is None:
+            return None
+        kg_rows = (x.topic_entity >= 0).nonzero().squeeze(1)  # (B_kg,)
+        if not len(kg_rows):
+            return None
+        topics = x.topic_entity[kg_rows]
+        query_rows, query_relations = self.queries(topics)  # (Q,), (Q,)
+        neighbours = {}
+        if x.kg_entities is not None and x.kg_relations is not None and x.kg_mask is not None:
+            n, at = self.max_neighbours, kg_rows[query_rows]
+            neighbours = dict(nbr_entities=x.kg_entities[at, :n],
+                              nbr_relations=x.kg_relations[at, :n],
+                              nbr_mask=x.kg_mask[at, :n])  # (Q, n) each
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.kg_grad):
+            scores = x.hitter(topics[query_rows], query_relations, **neighbours).scores
+        return kg_rows, topics, query_rows, query_relations, scores  # scores (Q, E)
+
+    def forward(self, x: ReaderInput) -> ReaderOutput:
+        """Asks HittER (``x.hitter``) about every relation of each topic. Evidence:
+        ``relation_probs`` (B_kg, 2R) p(r | q, t), the relation the head reads in each
+        question, and ``gate`` (B_kg,) beta, the weight of HittER's opinion."""
+        links = self.predict_links(x)
+        if links is None:
+            return ReaderOutput(torch.log_softmax(x.lm_logits.float(), dim=-1))
+        return self.read_links(x, *links)
+
+    def read_links(self, x: ReaderInput, kg_rows: torch.Tensor, topics: torch.Tensor,
+                   query_rows: torch.Tensor, query_relations: torch.Tensor,
+                   scores: torch.Tensor) -> ReaderOutput:
+        """The answer from HittER's link predictions (:meth:`predict_links`): kg_rows (B_kg,)
+        the rows with a topic, topics (B_kg,), the queries (Q,) and scores (Q, E)."""
+        lm_logits, rows, batch_size = x.lm_logits, x.rows, x.batch_size
+        q, counts, slot = mask_queries(x.mask_states, rows, batch_size)  # (B, D), (B,), (M,)
         q = q[kg_rows]  # (B_kg, D)
         asked = self.entity_relations[topics]  # (B_kg, 2R) the topic's relations
         R = len(self.relation_length)
-        texts = self.relation_key(mean_embedding(word_embeddings, self.relation_pieces,
-                                                 self.relation_length))  # (R, D)
-        ids = torch.arange(2 * R, device=q.device)
-        keys = texts[ids % R] + self.direction((ids >= R).long())  # (2R, D)
+        keys = self.relation_keys(x.word_embeddings, torch.arange(2 * R, device=q.device))
         relation_logits = self.relation(q) + self.query(q) @ keys.T / math.sqrt(q.shape[1])
         relation_logits = relation_logits.float().masked_fill(~asked, float("-inf"))
         has_relation = asked.any(1)  # (B_kg,)
@@ -181,4 +203,18 @@ class KGLinkHead(NameCopier):
             sure = self.certainty(relation_logits, relation_probs, asked, p_kg, fits)
             beta = beta + self.confidence(sure).squeeze(1)
         logits = lm_logits.float().index_add(0, with_kg, beta[i][:, None] * boost)  # (M, V)
-        return LinkOutput(torch.log_softmax(logits, dim=-1), relation_probs, beta)
+        return ReaderOutput(torch.log_softmax(logits, dim=-1), kg_rows,
+                            {"relation_probs": relation_probs, "gate": beta})
+
+    def explain(self, out, batch, kg, top_k, adapter_weights=None):
+        if out.kg_rows is None or not len(out.kg_rows) or kg is None:
+            return None
+        p, R = out.evidence["relation_probs"][0], kg.num_relations  # (2R,)
+        name = kg.entity_names[int(batch["topic_entity"][0])]
+        facts = []
+        for r in p.topk(min(top_k, int((p > 0).sum()))).indices.tolist():
+            fact = (f"({name}, {kg.relations[r]}, ?)" if r < R
+                    else f"(?, {kg.relations[r - R]}, {name})")  # (topic, r, ?), (?, r - R, topic)
+            facts.append(Fact("?", fact, float(p[r])))
+        return Explanation("the relations HittER was asked", facts, "HittER's weight beta",
+                           float(out.evidence["gate"][0]))
