@@ -42,7 +42,7 @@ from kgqa.batches import make_batch
 from kgqa.data import QAExample
 from kgqa.model import KGEnhancedLM, load_qa_model
 from kgqa.readers.adapters import CrossAttentionAdapter
-from kgqa.readers.base import Fact, ReaderOutput
+from kgqa.readers.base import Fact
 
 MAX_NAME_WORDS = 8  # longest entity name looked for in a question
 
@@ -124,8 +124,8 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     answer.topic = f"{kg.entity_names[topic]} ({kg.entities[topic]})"
     if weights is not None:  # (1, L, T) -> (T,): the adapters' attention from the masks
         weights = weights[0][batch["input_ids"][0] == model.mask_token_id].mean(0)
-    reader_out = ReaderOutput(out.log_probs, out.kg_rows, out.kg_evidence or {})
-    explained = model.head.explain(reader_out, batch, kg, top_k, adapter_weights=weights)
+    explained = model.head.explain(out.kg_evidence or {}, batch, kg, top_k,
+                                   adapter_weights=weights)
     if explained is not None:
         answer.read, answer.evidence = explained.read, explained.facts
         answer.gate, answer.gate_name = explained.gate, explained.gate_name

@@ -159,11 +159,12 @@ def build_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     test accuracy (%) over seeds; add paired gains over the plain LM and the breakdown."""
     cells: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = {}
     sizes: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
-    hitters = {hitter_label(r) for r in results} - {None}
-    for r in results:
+    hitter = [hitter_label(r) for r in results]
+    several = len(set(hitter) - {None}) > 1
+    for r, read in zip(results, hitter, strict=True):
         label = row_label(r)
-        if len(hitters) > 1 and hitter_label(r) is not None:  # never averaged together
-            label += f" [HittER {hitter_label(r)}]"
+        if several and read is not None:  # runs over different HittERs: never averaged together
+            label += f" [HittER {read}]"
         key = (label, protocol_label(r), r["dataset"], r["split"])
         size = (r.get("train_examples"), r["test"].get("total"))
         if sizes.setdefault(key, size) != size:

@@ -76,9 +76,11 @@ class KGReader(nn.Module):
         """Fill what the reader keeps from the graph (names, relations); saved with the
         model. Called once when a model is built for a graph."""
 
-    def explain(self, out: ReaderOutput, batch: dict[str, torch.Tensor], kg: Any,
-                top_k: int, adapter_weights: torch.Tensor | None = None) -> Explanation | None:
-        """The evidence for the first question of ``batch`` (``out`` its output), if any.
+    def explain(self, evidence: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                kg: Any, top_k: int, adapter_weights: torch.Tensor | None = None
+                ) -> Explanation | None:
+        """What the reader read for the first question of ``batch``, from its ``evidence``
+        (:attr:`ReaderOutput.evidence`; empty when no question had KG input), if anything.
         ``adapter_weights`` (T,): the adapters' attention from its masks over its KG tokens
         ([GCLS], topic, neighbours), averaged over heads, masks and layers."""
         return None
@@ -92,7 +94,7 @@ class LMReader(KGReader):
     def forward(self, x: ReaderInput) -> ReaderOutput:
         return ReaderOutput(torch.log_softmax(x.lm_logits.float(), dim=-1))
 
-    def explain(self, out, batch, kg, top_k, adapter_weights=None):
+    def explain(self, evidence, batch, kg, top_k, adapter_weights=None):
         if adapter_weights is None or kg is None:
             return None
         neighbours = adapter_weights[2:]  # (N,): not [GCLS] and the topic token

@@ -136,9 +136,9 @@ class CopyReader(NameReader):
         log_probs = mix(self, x.lm_logits, rows, slot, B, kg_rows, kg_entities, attention, gate)
         return ReaderOutput(log_probs, kg_rows, {"attention": attention, "gate": gate})
 
-    def explain(self, out, batch, kg, top_k, adapter_weights=None):
-        if out.kg_rows is None or not len(out.kg_rows) or kg is None:
+    def explain(self, evidence, batch, kg, top_k, adapter_weights=None):
+        if not evidence or kg is None:
             return None
         return Explanation("the neighbours read most",
-                           neighbour_facts(out.evidence["attention"][0], batch, kg, top_k),
-                           "copy gate", float(out.evidence["gate"][0]))
+                           neighbour_facts(evidence["attention"][0], batch, kg, top_k),
+                           "copy gate", float(evidence["gate"][0]))

@@ -206,10 +206,10 @@ class LinkReader(NameReader):
         return ReaderOutput(torch.log_softmax(logits, dim=-1), kg_rows,
                             {"relation_probs": relation_probs, "gate": beta})
 
-    def explain(self, out, batch, kg, top_k, adapter_weights=None):
-        if out.kg_rows is None or not len(out.kg_rows) or kg is None:
+    def explain(self, evidence, batch, kg, top_k, adapter_weights=None):
+        if not evidence or kg is None:
             return None
-        p, R = out.evidence["relation_probs"][0], kg.num_relations  # (2R,)
+        p, R = evidence["relation_probs"][0], kg.num_relations  # (2R,)
         name = kg.entity_names[int(batch["topic_entity"][0])]
         facts = []
         for r in p.topk(min(top_k, int((p > 0).sum()))).indices.tolist():
@@ -217,4 +217,4 @@ class LinkReader(NameReader):
                     else f"(?, {kg.relations[r - R]}, {name})")  # (topic, r, ?), (?, r - R, topic)
             facts.append(Fact("?", fact, float(p[r])))
         return Explanation("the relations HittER was asked", facts, "HittER's weight beta",
-                           float(out.evidence["gate"][0]))
+                           float(evidence["gate"][0]))
