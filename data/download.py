@@ -223,22 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cache: dict[str, bytes] = {}
-    try:
-        for name in args.datasets:
-            print(f"{name}:")
-            for source in SOURCES[name]:
-                write_atomic(args.out / source.dest,
-                             obtain(source, args.from_local, cache, args.allow_unverified))
-                print(f"  ok {source.dest}")
-            if name in ("fb15k-237", "wn18rr"):
-                write_entity_names(args.out / name)
-                print(f"  wrote {name}/entity_names.tsv")
-    except FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for name in args.datasets:
+        print(f"{name}:")
+        for source in SOURCES[name]:
+            write_atomic(args.out / source.dest,
+                         obtain(source, args.from_local, cache, args.allow_unverified))
+            print(f"  ok {source.dest}")
+        if name in ("fb15k-237", "wn18rr"):
+            write_entity_names(args.out / name)
+            print(f"  wrote {name}/entity_names.tsv")
     print(f"done: point --data-dir (or $KGQA_DATA_DIR) at {args.out}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a FetchError is one line "error: ...", status 2, as every command
+    from hitter_core.cli import run_cli
+
+    sys.exit(run_cli(main, user_errors=(FetchError,)))

@@ -3,16 +3,12 @@
 instead of a traceback when the user made a mistake (habit 15)."""
 
 import argparse
-import os
-import signal
-import socket
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from hitter_core.data import DataFormatError
+from hitter_core.runtime import stop_with_recipe
 from hitter_core.sections import PRESET_DIR, RUN_CONFIG_NAME, ConfigError
 
 
@@ -57,7 +53,8 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """``main(argv)``'s status (0 for a non-int result); a user's mistake (:data:`USER_ERRORS`,
     ``user_errors``) ends in one line ``error: ...`` on stderr and status 2, no traceback.
-    Started by a recipe, the command stops when the recipe is gone (:func:`stop_with_recipe`)."""
+    Started by a recipe, the command stops when the recipe is gone
+    (:func:`hitter_core.runtime.stop_with_recipe`)."""
     stop_with_recipe()
     try:
         status = main(argv)
@@ -65,46 +62,3 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         print(f"error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0
-
-
-# Set by recipes/*.sh: "pid@host" of each recipe in the chain that started this process,
-# comma-separated (a recipe started by another adds itself).
-RECIPE_PIDS_ENV = "HITTER_RECIPE_PIDS"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process its parent has not reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def stop_with_recipe(interval: float = 1.0) -> None:
-    """When a recipe that started this process (:data:`RECIPE_PIDS_ENV`) is gone, even killed
-    with SIGKILL, which no trap sees, this process sends itself SIGTERM: no worker trains on
-    as an orphan that a later ``--resume`` would collide with. Checkpoints are written
-    atomically, so stopping at any moment loses nothing. A watch thread, checked every
-    ``interval`` seconds; nothing when the variable is unset. Processes on other hosts (a
-    multi-node launch) do not watch: the ids are this host's."""
-    here = socket.gethostname()
-    pids = [int(pid) for pid, _, host in (e.strip().partition("@") for e in
-                                          os.environ.get(RECIPE_PIDS_ENV, "").split(","))
-            if pid and host == here]
-    if not pids:
-        return
-
-    def watch() -> None:
-        while all(map(_alive, pids)):
-            time.sleep(interval)
-        print(f"the recipe that started this process is gone ({RECIPE_PIDS_ENV}="
-              f"{os.environ[RECIPE_PIDS_ENV]}): stopping", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="stop-with-recipe", daemon=True).start()

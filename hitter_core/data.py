@@ -148,7 +148,33 @@ def load_kg(directory: str | os.PathLike, drop_unseen: bool = False) -> Knowledg
             f"data/README.md explains how to fetch and prepare the official files."
         )
     raw = {split: read_triples(directory / f"{split}.txt") for split in SPLITS}
+    entity_index, relation_index = _vocabulary(raw)
+    splits = {}
+    for split in SPLITS:
+        ids = [(entity_index[h], relation_index[r], entity_index[t]) for h, r, t in raw[split]]
+        splits[split] = torch.tensor(ids, dtype=torch.long)  # (T, 3)
+    relations = list(relation_index)
+    num_unseen = _count_unseen(directory, splits, len(entity_index), relations, drop_unseen)
 
+    entities = list(entity_index)
+    names_file = directory / "entity_names.tsv"
+    names = read_names(names_file) if names_file.is_file() else {}
+    return KnowledgeGraph(
+        name=directory.name,
+        directory=directory,
+        entities=entities,
+        relations=relations,
+        entity_names=[names.get(e, e) for e in entities],
+        splits=splits,
+        num_unseen=num_unseen,
+    )
+
+
+def _vocabulary(
+    raw: dict[str, list[tuple[str, str, str]]],
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Entity and relation ids in LibKGE's order (module docstring): by first appearance in
+    train, valid, test, head before relation before tail."""
     entity_index: dict[str, int] = {}
     relation_index: dict[str, int] = {}
     for split in SPLITS:
@@ -156,17 +182,21 @@ def load_kg(directory: str | os.PathLike, drop_unseen: bool = False) -> Knowledg
             entity_index.setdefault(h, len(entity_index))
             relation_index.setdefault(r, len(relation_index))
             entity_index.setdefault(t, len(entity_index))
+    return entity_index, relation_index
 
-    splits = {}
-    for split in SPLITS:
-        ids = [(entity_index[h], relation_index[r], entity_index[t]) for h, r, t in raw[split]]
-        splits[split] = torch.tensor(ids, dtype=torch.long)  # (T, 3)
 
-    seen = torch.zeros(len(entity_index), dtype=torch.bool)
-    seen[splits["train"][:, 0]] = True
-    seen[splits["train"][:, 2]] = True
-    seen_relation = torch.zeros(len(relation_index), dtype=torch.bool)
-    seen_relation[splits["train"][:, 1]] = True
+def _count_unseen(
+    directory: Path, splits: dict[str, torch.Tensor], num_entities: int, relations: list[str],
+    drop_unseen: bool,
+) -> dict[str, int]:
+    """Valid/test triples with an entity or a relation that train lacks, per split: logged
+    as warnings and, with ``drop_unseen``, removed from ``splits`` (in place)."""
+    train = splits["train"]  # (T, 3)
+    seen = torch.zeros(num_entities, dtype=torch.bool)
+    seen[train[:, 0]] = True
+    seen[train[:, 2]] = True
+    seen_relation = torch.zeros(len(relations), dtype=torch.bool)
+    seen_relation[train[:, 1]] = True
     num_unseen = {}
     for split in ("valid", "test"):
         ok = seen[splits[split][:, 0]] & seen[splits[split][:, 2]]
@@ -182,7 +212,7 @@ def load_kg(directory: str | os.PathLike, drop_unseen: bool = False) -> Knowledg
             logger.warning(
                 "%s/%s.txt: %d triples have a relation not in train (%s); %s",
                 directory.name, split, int((~ok_relation).sum()), ", ".join(sorted(
-                    {list(relation_index)[r] for r in splits[split][~ok_relation, 1].tolist()}
+                    {relations[r] for r in splits[split][~ok_relation, 1].tolist()}
                 )[:5]), action,
             )
         ok = ok & ok_relation
@@ -190,18 +220,4 @@ def load_kg(directory: str | os.PathLike, drop_unseen: bool = False) -> Knowledg
             splits[split] = splits[split][ok]
             if len(splits[split]) == 0:
                 raise DataFormatError(f"{directory}/{split}.txt: empty after drop_unseen")
-
-    entities = list(entity_index)
-    names_file = directory / "entity_names.tsv"
-    names = read_names(names_file) if names_file.is_file() else {}
-    entity_names = [names.get(e, e) for e in entities]
-
-    return KnowledgeGraph(
-        name=directory.name,
-        directory=directory,
-        entities=entities,
-        relations=list(relation_index),
-        entity_names=entity_names,
-        splits=splits,
-        num_unseen=num_unseen,
-    )
+    return num_unseen

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import socket
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from hitter_core.precision import native_bf16
+from hitter_core.runtime import check_build_locks, prepare_process
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +37,11 @@ DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_config.json"
 
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the process group a launcher set up through RANK/WORLD_SIZE/MASTER_*, or form a
-    world of one; nccl on CUDA, gloo on CPU. ``device``: "auto" (CUDA when available), "cpu"
-    or "cuda". Returns (rank, world size, this process's device); on CUDA the device is
+    world of one (the process's environment: :func:`hitter_core.runtime.prepare_process`);
+    nccl on CUDA, gloo on CPU. ``device``: "auto" (CUDA when available), "cpu" or "cuda".
+    Returns (rank, world size, this process's device); on CUDA the device is
     ``cuda:LOCAL_RANK``, made the current one."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-    alone = "WORLD_SIZE" not in os.environ  # no launcher: a world of one
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:  # a free port for a world of one
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
+    alone = prepare_process(device)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -60,8 +50,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         check_build_locks()
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        if alone:  # no rendezvous, so no port to race for: an in-memory store (MASTER_PORT
-            # stays set: DeepSpeed's CPU op names its shared memory after it)
+        if alone:  # no rendezvous, so no port to race for: an in-memory store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend)  # adopts the group if there is one
     where = torch.device("cpu")
@@ -69,43 +58,6 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         where = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(where)
     return dist.get_rank(), dist.get_world_size(), where
-
-
-def extensions_dir() -> Path:
-    """Where DeepSpeed builds its ops unless ``$TORCH_EXTENSIONS_DIR`` says: inside a virtual
-    environment, its own ``torch_extensions`` folder (torch's default, ~/.cache/torch_extensions,
-    is shared by every environment of one Python, and an op built by another environment's
-    torch or ninja is rebuilt, 1-2 minutes, each time the environment changes); else torch's."""
-    venv = Path(sys.prefix)
-    if sys.prefix != sys.base_prefix and os.access(venv, os.W_OK):
-        return venv / "torch_extensions"
-    from torch._appdirs import user_cache_dir
-
-    return Path(user_cache_dir(appname="torch_extensions"))
-
-
-STALE_LOCK_SECONDS = 600  # building DeepSpeed's CPU communication op takes 1-2 minutes
-
-
-class StaleBuildLock(FileExistsError):
-    """A build lock left by an interrupted build of a DeepSpeed op."""
-
-
-def check_build_locks(now: float | None = None) -> None:
-    """Raise :class:`StaleBuildLock` if a DeepSpeed op build in the torch extensions cache
-    (``$TORCH_EXTENSIONS_DIR``) left its ``lock`` file more than :data:`STALE_LOCK_SECONDS`
-    ago: torch waits on such a lock forever, without a word."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir()
-    now = time.time() if now is None else now
-    for lock in (*Path(root).glob("deepspeed_*/lock"), *Path(root).glob("*/deepspeed_*/lock")):
-        age = now - lock.stat().st_mtime
-        if age > STALE_LOCK_SECONDS:
-            raise StaleBuildLock(
-                f"{lock}: left by a build of a DeepSpeed op interrupted {age / 60:.0f} minutes "
-                f"ago; every run would wait on it forever. Remove the file and run again")
-        logger.warning("%s: another process is building a DeepSpeed op (for %.0f s); waiting "
-                       "for it. If none is, an interrupted build left the file: remove it",
-                       lock, age)
 
 
 def check_same_on_all_ranks(exists: bool, what: str, device: torch.device) -> None:

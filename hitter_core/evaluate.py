@@ -40,10 +40,10 @@ from hitter_core.cli import run_cli
 from hitter_core.config import TrainConfig
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import SPLITS, KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.faults import crash_point
 from hitter_core.model import HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
+from hitter_core.runtime import crash_point
 from hitter_core.sections import RUN_CONFIG_NAME
 
 DIRECTIONS = ("tail", "head", "both")
@@ -251,7 +251,8 @@ def evaluate_checkpoint(
     return {"checkpoint": str(checkpoint), "dataset": kg.name, **metrics}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m hitter_core.evaluate`` (module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m hitter_core.evaluate",
         description="Filtered link-prediction evaluation (MRR, Hits@1/3/10, both directions).",
@@ -282,21 +283,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-progress", action="store_true")
     add_memory_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error unless exactly one of a checkpoint and ``--baseline`` (with its
+    ``--dataset``) is given."""
     if (args.checkpoint is None) == (args.baseline is None):
         parser.error("give either a CHECKPOINT or --baseline")
     if args.baseline is not None and args.dataset is None:
         parser.error("--baseline needs --dataset (e.g. fb15k-237)")
     if args.dataset is not None and args.baseline is None:
         parser.error("--dataset is for --baseline; a checkpoint names its own graph")
+
+
+def baseline_loader(dataset: str) -> ScorerLoader:
+    """A :data:`ScorerLoader` for the frequency baseline on ``dataset`` (a data-root folder)."""
+
+    def load(_name: str, data_dir: Path, _device: torch.device):
+        kg = load_kg(Path(data_dir) / dataset)
+        return RelationFrequencyScorer(kg), kg
+
+    return load
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint or a baseline, print the table, optionally write the JSON."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_target(parser, args)
     if torch.device(args.device).type == "cpu" and not args.no_keep_freed_memory:
         keep_freed_memory()
-
-    load = None
-    if args.baseline is not None:
-        def load(_name: str, data_dir: Path, _device: torch.device):
-            kg = load_kg(Path(data_dir) / args.dataset)
-            return RelationFrequencyScorer(kg), kg
 
     metrics = evaluate_checkpoint(
         args.checkpoint or f"baseline:{args.baseline}",
@@ -306,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         device=args.device,
         filter_splits=args.filter_splits,
         progress=not args.no_progress,
-        load=load,
+        load=baseline_loader(args.dataset) if args.baseline is not None else None,
     )
     print(f"{metrics['dataset']} {args.split} (filtered with {'+'.join(args.filter_splits)})")
     print(format_table(metrics, per_relation=args.per_relation))

@@ -228,16 +228,33 @@ class HittER(PreTrainedModel):
         k = ``head_positions`` positions (None if 0), computed on its own, so that it is the
         same bit for bit whether hidden states are asked for or not (``hidden[-1]`` then holds
         it at those positions). Without hidden states the rest of the last layer is skipped."""
-        B, D, device = sources.shape[0], self.config.hidden_size, sources.device
-        two_r = 2 * self.config.num_relations
-        if nbr_entities is None:
+        B, two_r, device = sources.shape[0], 2 * self.config.num_relations, sources.device
+        if nbr_entities is None:  # N = 0
             nbr_entities = nbr_relations = sources.new_zeros(B, 0)
             nbr_mask = torch.zeros(B, 0, dtype=torch.bool, device=device)
         elif nbr_mask is None:
             nbr_mask = torch.ones(nbr_entities.shape, dtype=torch.bool, device=device)
-        N = nbr_entities.shape[1]
+        src_vec, src_key, selected = self._perturb_sources(sources, relations, mep)
 
-        # Source vectors after MEP; replaced sources take a random entity's vector, detached.
+        # Real pairs (source first, then real neighbours) of the (B, 1+N) pair grid.
+        ents = torch.cat((sources[:, None], nbr_entities), dim=1)  # (B, 1+N)
+        rels = torch.cat((relations[:, None], nbr_relations), dim=1)  # (B, 1+N)
+        keys = torch.cat((src_key[:, None], nbr_entities * two_r + nbr_relations), dim=1)
+        real = torch.cat((nbr_mask.new_ones(B, 1), nbr_mask), dim=1)  # (B, 1+N)
+        pair_out = self._encode_real_pairs(ents, rels, keys, real, src_vec, input_dropout)
+
+        # Context Transformer over [GCLS, source, neighbours...].
+        mask = torch.cat((torch.ones_like(real[:, :1]), real), dim=1)  # (B, 2+N)
+        x, packing = self._pack_context(pair_out, mask)  # (Tb, D)
+        hidden, head = self._run_context_layers(x, packing, mask, hidden_states, head_positions)
+        return hidden, head, mask, selected
+
+    def _perturb_sources(
+        self, sources: torch.Tensor, relations: torch.Tensor, mep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source vectors (B, D) after MEP, their pair keys (B,) (equal keys share one
+        encoding) and the MEP-selected (B,); replaced sources take a random entity's vector."""
+        B, device, two_r = sources.shape[0], sources.device, 2 * self.config.num_relations
         src_vec = self.entity_embeddings(sources)  # (B, D)
         src_key = sources * two_r + relations  # (B,) pair key: entity * 2R + relation
         selected = torch.zeros(B, dtype=torch.bool, device=device)
@@ -251,12 +268,16 @@ class HittER(PreTrainedModel):
             # [MASK] acts as entity id E; replaced sources get keys of their own (detached).
             src_key = torch.where(masked, self.config.num_entities * two_r + relations, src_key)
             src_key = torch.where(replaced, -1 - torch.arange(B, device=device), src_key)
+        return src_vec, src_key, selected
 
-        # Real pairs (source first, then real neighbours), flattened over (B, 1+N).
-        ents = torch.cat((sources[:, None], nbr_entities), dim=1)  # (B, 1+N)
-        rels = torch.cat((relations[:, None], nbr_relations), dim=1)  # (B, 1+N)
-        keys = torch.cat((src_key[:, None], nbr_entities * two_r + nbr_relations), dim=1)
-        real = torch.cat((nbr_mask.new_ones(B, 1), nbr_mask), dim=1)  # (B, 1+N)
+    def _encode_real_pairs(
+        self, ents: torch.Tensor, rels: torch.Tensor, keys: torch.Tensor, real: torch.Tensor,
+        src_vec: torch.Tensor, input_dropout: bool,
+    ) -> torch.Tensor:
+        """Entity Transformer over the real pairs of the (B, 1+N) pair grid -> (P, D), row-major;
+        the source (column 0) takes ``src_vec`` (B, D), after MEP. Repeated keys are encoded
+        once in eval, and in training with ``dedup_pairs_in_training``."""
+        device, width = ents.device, ents.shape[1]  # width = 1 + N
         positions = real.flatten().nonzero().squeeze(1)  # (P,) into B*(1+N)
         if not self.training or self.config.dedup_pairs_in_training:
             uniq, inverse = torch.unique(keys.flatten()[positions], return_inverse=True)  # (P,)
@@ -269,20 +290,25 @@ class HittER(PreTrainedModel):
         U = len(unique_pos)
         # Static shapes: repeat the first pair up to the bucket size; the copies are dropped.
         unique_pos = pad_rows(unique_pos, bucket_size(U, self.config.shape_buckets))  # (Ub,)
-        row, col = unique_pos // (1 + N), unique_pos % (1 + N)  # (Ub,)
+        row, col = unique_pos // width, unique_pos % width  # (Ub,)
         ent_vec = torch.where(
             (col == 0)[:, None], src_vec[row], self.entity_embeddings(ents.flatten()[unique_pos])
         )  # (Ub, D)
         pair_out = self._encode_pairs(ent_vec, rels.flatten()[unique_pos], input_dropout)[:U]
         if inverse is not None:
             pair_out = pair_out[inverse]  # (P, D)
+        return pair_out
 
-        # Context Transformer over [GCLS, source, neighbours...] + type embeddings, holding the
-        # T = B + P real tokens packed in row-major order: GCLS of a row, then its pairs.
-        mask = torch.cat((torch.ones_like(real[:, :1]), real), dim=1)  # (B, 2+N)
+    def _pack_context(
+        self, pair_out: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, Packing]:
+        """The context Transformer's input (Tb, D) and its :class:`Packing`: the T = B + P real
+        tokens of ``mask`` (B, 2+N) in row-major order (GCLS of a row, then its pairs
+        ``pair_out`` (P, D)), and with static shapes Tb - T more at padding positions (masked as
+        keys, never read); type embeddings, dropout and norm added."""
+        (B, width), D, device = mask.shape, self.config.hidden_size, pair_out.device
         ctx_pos = mask.flatten().nonzero().squeeze(1)  # (T,) into B*(2+N)
         T = len(ctx_pos)
-        # Static shapes: Tb - T more tokens at padding positions (masked as keys, never read).
         Tb = min(bucket_size(T, self.config.shape_buckets), mask.numel())
         if Tb > T:
             spare = (~mask).flatten().nonzero().squeeze(1)[: Tb - T]
@@ -294,11 +320,19 @@ class HittER(PreTrainedModel):
         x = pair_out.new_zeros(Tb, D).index_copy(
             0, row_starts, self.gcls_vector.expand(B, D).to(pair_out.dtype)
         ).index_copy(0, is_pair.nonzero().squeeze(1), pair_out)  # (Tb, D)
-        type_ids = (ctx_pos % (2 + N)).clamp(max=NEIGHBOUR_TYPE)  # column 0 GCLS, 1 source
+        type_ids = (ctx_pos % width).clamp(max=NEIGHBOUR_TYPE)  # column 0 GCLS, 1 source
         x = x + self.type_embeddings(type_ids)  # (Tb, D)
         x = kernels_for(device).dropout(x, self.config.hidden_dropout, self.training)
         x = self.context_norm(x)
-        packing = Packing(B, 2 + N, ctx_pos, row_starts, mask[:, None, None, :])
+        return x, Packing(B, width, ctx_pos, row_starts, mask[:, None, None, :])
+
+    def _run_context_layers(
+        self, x: torch.Tensor, packing: Packing, mask: torch.Tensor, hidden_states: bool,
+        head_positions: int,
+    ) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        """The context layers over packed tokens x (Tb, D) -> (hidden, head), as
+        :meth:`_contextualise` returns them; the last layer runs only where they need it."""
+        B, D = mask.shape[0], self.config.hidden_size
         layers = []
         for layer in self.context_layers[:-1]:
             x = layer(x, packing)
@@ -314,7 +348,7 @@ class HittER(PreTrainedModel):
             if head is not None:
                 hidden[-1] = torch.cat((head, hidden[-1][:, head_positions:]), dim=1)
             hidden = tuple(hidden)
-        return hidden, head, mask, selected
+        return hidden, head
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

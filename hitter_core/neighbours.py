@@ -146,12 +146,22 @@ class NeighbourIndex:
         a vocabulary change that renumbers it), E, R, the seed, :data:`FORMAT_VERSION` and the
         torch version (the seeded shuffle comes from torch's RNG). ``cache_dir`` defaults to
         :func:`default_cache_dir`. An unwritable cache directory or an unreadable cache file
-        only logs a warning.
+        only logs a warning. The neighbourhood sizes (:meth:`degree_stats`) are logged.
         """
-        if not use_cache:
-            return cls.from_triples(kg.train, kg.num_entities, kg.num_relations, seed)
+        if use_cache:
+            index = cls._load_or_build(kg, seed, Path(cache_dir or default_cache_dir()))
+        else:
+            index = cls.from_triples(kg.train, kg.num_entities, kg.num_relations, seed)
+        logger.info("neighbour index of %s: %d entities with neighbour tokens, %d without; "
+                    "tokens per entity: mean %.1f, median %g, max %d",
+                    kg.name, *index.degree_stats().values())  # in degree_stats' key order
+        return index
+
+    @classmethod
+    def _load_or_build(cls, kg: KnowledgeGraph, seed: int, cache_dir: Path) -> NeighbourIndex:
+        """The cached index of :meth:`build`: loaded when valid, else built and written."""
         key = cache_key(kg, seed)
-        path = Path(cache_dir or default_cache_dir()) / f"neighbours-{kg.name}-{key[:20]}.pt"
+        path = cache_dir / f"neighbours-{kg.name}-{key[:20]}.pt"
         if path.is_file():
             try:
                 index = cls.load(path, expected_key=key)
@@ -226,20 +236,19 @@ class NeighbourIndex:
         lo, hi = int(self.offsets[entity]), int(self.offsets[entity + 1])
         return self.entities[lo:hi], self.relations[lo:hi]
 
-    def degree_stats(self, max_neighbours: int) -> dict[str, float]:
-        """Summary over entities with at least one neighbour; ``fits`` is the share whose
-        whole neighbourhood fits in ``max_neighbours`` tokens."""
+    def degree_stats(self) -> dict[str, float]:
+        """Neighbourhood sizes, which :meth:`build` logs: ``sources`` (entities with neighbour
+        tokens), ``isolated`` (none: their queries get no context) and, over the sources, the
+        ``mean``, ``median`` and ``max`` token count (0 when there are no sources)."""
         deg = self.degrees()
         deg = deg[deg > 0].double()
-        if not len(deg):
-            return {"sources": 0, "isolated": self.num_entities}
+        some = len(deg) > 0
         return {
             "sources": len(deg),
             "isolated": self.num_entities - len(deg),
-            "mean": float(deg.mean()),
-            "median": float(deg.median()),
-            "max": int(deg.max()),
-            "fits": float((deg <= max_neighbours).double().mean()),
+            "mean": float(deg.mean()) if some else 0.0,
+            "median": float(deg.median()) if some else 0.0,
+            "max": int(deg.max()) if some else 0,
         }
 
     def __repr__(self) -> str:
@@ -276,20 +285,7 @@ class NeighbourIndex:
         ``max_neighbours`` (static shapes, ``HittERConfig.shape_buckets``). ``generator`` must
         live on the index's device (see :meth:`to`).
         """
-        if max_neighbours < 0:
-            raise ValueError(f"max_neighbours must be >= 0, got {max_neighbours}")
-        if not 0.0 <= drop < 1.0:
-            raise ValueError(f"drop must be in [0, 1), got {drop}")
-        if (exclude_entity is None) != (exclude_relation is None):
-            raise ValueError("give both exclude_entity and exclude_relation, or neither")
-        if not train and (exclude_entity is not None or drop > 0):
-            raise ValueError("ground-truth removal and neighbour drop are training-only")
-        if sources.dim() != 1:
-            raise ValueError(f"sources must be (B,), got {tuple(sources.shape)}")
-        if exclude_entity is not None and not (
-            exclude_entity.shape == exclude_relation.shape == sources.shape
-        ):
-            raise ValueError("exclude_entity/exclude_relation must have the shape of sources")
+        _check_gather_args(sources, max_neighbours, train, exclude_entity, exclude_relation, drop)
         sources = sources.to(self.device, torch.long)
         B = len(sources)
         start = self.offsets[sources]  # (B,)
@@ -304,17 +300,9 @@ class NeighbourIndex:
         entities, relations = self.entities[index], self.relations[index]  # (B, max)
 
         if train and (exclude_entity is not None or drop > 0):
-            if exclude_entity is not None:
-                ex_e = exclude_entity.to(self.device)[:, None]  # (B, 1)
-                ex_r = exclude_relation.to(self.device)[:, None]
-                mask = mask & ~((entities == ex_e) & (relations == ex_r))
-            if drop > 0:
-                keep = torch.rand(mask.shape, generator=generator, device=self.device) >= drop
-                mask = mask & keep
-            # Move kept tokens to the front; the order among them is unchanged.
-            order = (~mask).to(torch.uint8).argsort(dim=1, stable=True)  # (B, max)
-            mask = mask.gather(1, order)
-            entities, relations = entities.gather(1, order), relations.gather(1, order)
+            entities, relations, mask = self._remove_and_drop(
+                entities, relations, mask, exclude_entity, exclude_relation, drop, generator
+            )  # (B, max) each
             counts = mask.sum(1)
 
         n = max_neighbours if full_width else int(counts.max()) if B else 0
@@ -322,6 +310,25 @@ class NeighbourIndex:
         entities = entities[:, :n].masked_fill(~mask, 0)  # (B, N)
         relations = relations[:, :n].masked_fill(~mask, 0)
         return Neighbours(entities, relations, mask)
+
+    def _remove_and_drop(
+        self, entities: torch.Tensor, relations: torch.Tensor, mask: torch.Tensor,
+        exclude_entity: torch.Tensor | None, exclude_relation: torch.Tensor | None, drop: float,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training steps of :meth:`gather` on sampled (B, max) tokens: unmask the
+        ground-truth token, drop each token with probability ``drop``, then move the kept
+        tokens to the front of each row (their order unchanged)."""
+        if exclude_entity is not None:
+            ex_e = exclude_entity.to(self.device)[:, None]  # (B, 1)
+            ex_r = exclude_relation.to(self.device)[:, None]
+            mask = mask & ~((entities == ex_e) & (relations == ex_r))
+        if drop > 0:
+            keep = torch.rand(mask.shape, generator=generator, device=self.device) >= drop
+            mask = mask & keep
+        order = (~mask).to(torch.uint8).argsort(dim=1, stable=True)  # (B, max)
+        mask = mask.gather(1, order)
+        return entities.gather(1, order), relations.gather(1, order), mask
 
     def _random_positions(
         self, degrees: torch.Tensor, k: int, generator: torch.Generator | None
@@ -360,6 +367,27 @@ class NeighbourIndex:
             pos[rows[done]] = draws[done][chosen[done]].view(-1, k)
             rows = rows[~done]
         return pos
+
+
+def _check_gather_args(
+    sources: torch.Tensor, max_neighbours: int, train: bool, exclude_entity: torch.Tensor | None,
+    exclude_relation: torch.Tensor | None, drop: float,
+) -> None:
+    """Raise ValueError for arguments :meth:`NeighbourIndex.gather` does not accept."""
+    if max_neighbours < 0:
+        raise ValueError(f"max_neighbours must be >= 0, got {max_neighbours}")
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop must be in [0, 1), got {drop}")
+    if (exclude_entity is None) != (exclude_relation is None):
+        raise ValueError("give both exclude_entity and exclude_relation, or neither")
+    if not train and (exclude_entity is not None or drop > 0):
+        raise ValueError("ground-truth removal and neighbour drop are training-only")
+    if sources.dim() != 1:
+        raise ValueError(f"sources must be (B,), got {tuple(sources.shape)}")
+    if exclude_entity is not None and not (
+        exclude_entity.shape == exclude_relation.shape == sources.shape
+    ):
+        raise ValueError("exclude_entity/exclude_relation must have the shape of sources")
 
 
 def cache_key(kg: KnowledgeGraph, seed: int) -> str:

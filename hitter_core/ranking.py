@@ -101,11 +101,6 @@ class FilterIndex:
         count = torch.where(found, self.offsets[pos + 1] - start, torch.zeros_like(start))
         return start, count
 
-    def answers_of(self, source: int, relation: int) -> torch.Tensor:
-        """Known answers of one query (sorted); for inspection and tests."""
-        start, count = self._spans(torch.tensor([source]), torch.tensor([relation]))
-        return self.answers[int(start) : int(start) + int(count)]
-
     def filter_scores(
         self,
         scores: torch.Tensor,

@@ -83,13 +83,19 @@ def _check_section(
     """Known keys with well-typed values, or :class:`ConfigError` naming ``section.key``.
     ``texts``: the raw override strings, used where a str field was read as a number.
     ``saved``: a file written by an older version, whose keys of ``cls.LEGACY_FIELDS`` pass
-    through for the class to translate (never on the command line)."""
+    through for the class to translate and whose keys of ``cls.RENAMED_FIELDS`` (old -> new
+    name) are read under their new names (neither on the command line)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
     fields = settable_fields(cls)
     legacy = getattr(cls, "LEGACY_FIELDS", {})  # old key -> what replaced it
+    renamed = getattr(cls, "RENAMED_FIELDS", {})  # old key -> its new name
     checked = {}
     for key, value in values.items():
+        if key in renamed and not saved:
+            raise UnknownKeyError(f"{source}: unknown key '{section}.{key}': renamed "
+                                  f"{section}.{renamed[key]}")
+        key = renamed.get(key, key)
         if key in legacy and saved:
             checked[key] = value
             continue

@@ -19,9 +19,10 @@ micro batch): W processes take W times as many triples per step.
 * Data order: epoch e visits a permutation seeded by (seed, e); process k of W takes the k-th
   of W equal slices. Before step s every process seeds torch with (seed, s, k), so sampling,
   MEP and dropout depend only on the step: a resumed run repeats the uninterrupted one.
-* Checkpoints (``hitter_core.checkpoint``): ``last`` every ``save_every`` steps and after
-  every validation, ``best`` on valid MRR. ``--resume`` continues from ``last`` at its exact
-  step, mid-epoch included (same world size and batch size required).
+* The run directory (``hitter_core.run_dir``, as stage 2's): ``last`` (the engine checkpoint)
+  every ``save_every`` steps and after every validation, ``best`` on valid MRR. ``--resume``
+  continues from ``last`` at its exact step, mid-epoch included (same world size and batch
+  size required).
 * ``train.compile``: each Transformer layer runs ``torch.compile``d over the static shapes; a
   compiled step that fails is redone eager, and training stays eager (``hitter_core.compiled``).
 * Validation and test run on process 0 (other processes wait); metrics go to
@@ -39,7 +40,6 @@ On CPU the command keeps freed memory in the process (``hitter_core.cpu_memory``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -56,35 +56,26 @@ from tqdm.auto import tqdm
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch, step_seed
 from hitter_core.checkpoint import (
+    OUTPUTS,
     LogWindow,
-    MetricsLogger,
     TrainState,
-    clean_run_dir,
-    existing_checkpoint,
-    load_latest_checkpoint,
     save_checkpoint,
-    trainer_state_dict,
     write_test_metrics,
 )
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
 from hitter_core.compiled import CompiledLayers
-from hitter_core.config import DEFAULT_PRESET, HittERConfig, TrainConfig, load_config, save_config
+from hitter_core.config import DEFAULT_PRESET, HittERConfig, TrainConfig, load_config
 from hitter_core.cpu_memory import add_memory_argument, keep_freed_memory
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
-from hitter_core.distributed import (
-    check_same_on_all_ranks,
-    destroy_distributed,
-    init_distributed,
-    initialize_engine,
-)
+from hitter_core.distributed import destroy_distributed, init_distributed, initialize_engine
 from hitter_core.evaluate import evaluate, format_table
-from hitter_core.faults import crash_point
 from hitter_core.model import HittER, HittERScorer
 from hitter_core.neighbours import NeighbourIndex
 from hitter_core.optim import build_optimizer, clip_grad_per_tensor_, linear_schedule
 from hitter_core.precision import resolve_precision
 from hitter_core.ranking import FilterIndex
-from hitter_core.sections import RUN_CONFIG_NAME, check_same_config
+from hitter_core.run_dir import MetricsLogger, RunDir, existing_checkpoint, finished_run
+from hitter_core.runtime import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -107,40 +98,14 @@ class Trainer:
     ) -> None:
         cfg = self.train_config = train_config
         self.rank, self.world_size, device = init_distributed(cfg.device)
-        if kg is None:
-            data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-            kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
-        shape = (kg.num_entities, kg.num_relations)
-        if (model_config.num_entities, model_config.num_relations) != shape:
-            logger.info("model.num_entities/num_relations set from %s", kg)
-            model_config.num_entities, model_config.num_relations = shape
-        self.kg, self.model_config = kg, model_config
-        self.output_dir = Path(cfg.output_dir)
-        self.last_dir, self.best_dir = self.output_dir / "last", self.output_dir / "best"
-        if self.rank == 0:  # temporaries a crash left; the old run with --overwrite
-            clean_run_dir(self.output_dir, overwrite)
+        self.kg, self.model_config = self._load_kg(kg, model_config), model_config
+        self.run = RunDir(cfg.output_dir, OUTPUTS)
+        self.output_dir, self.best_dir = self.run.path, self.run.best
+        if self.rank == 0:  # refuse, resume or overwrite; the resolved config first
+            self.run.claim({"model": model_config, "train": cfg}, resume, overwrite)
         if self.world_size > 1:
             dist.barrier()
-        last = existing_checkpoint(self.last_dir)
-        check_same_on_all_ranks(last is not None, f"{self.last_dir}", device)
-        if last is not None and not resume:
-            raise FileExistsError(
-                f"{self.output_dir} holds a checkpoint; pass --resume to continue it, "
-                f"--overwrite to replace it, or choose another output directory"
-            )
-        saved_config = self.output_dir / RUN_CONFIG_NAME
-        if last is not None and saved_config.is_file():  # resume the same run, or refuse
-            check_same_config(saved_config, {"model": model_config, "train": cfg})
-
-        per_rank = len(kg.train) // self.world_size
-        if per_rank < 1:
-            raise ValueError(f"{len(kg.train)} train triples for {self.world_size} processes")
-        self.steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
-        self.total_steps = cfg.max_epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size,
-                       "steps_per_epoch": self.steps_per_epoch}
+        self._plan_steps()
 
         torch.manual_seed(cfg.seed)
         model = HittER(model_config)
@@ -152,38 +117,71 @@ class Trainer:
             engine_clips=not cfg.clip_per_tensor, bf16_available=self.precision == "bf16",
         )
         self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
-        self.ds_config = self.engine.config
+        self.ds_config = self.engine.config  # resolved
         self.model: HittER = self.engine.module
         self.device = self.engine.device
         self.compiled = CompiledLayers(self.model, cfg.compile)  # train.compile
 
-        index = NeighbourIndex.build(kg, seed=model_config.neighbour_order_seed)
+        index = NeighbourIndex.build(self.kg, seed=model_config.neighbour_order_seed)
         self.neighbour_index = index.to(self.device)
-        self.filter_index = FilterIndex.build(kg)  # train + valid + test, as the reference
-        self.train_triples = kg.train.to(self.device)
+        self.filter_index = FilterIndex.build(self.kg)  # train + valid + test, as the reference
+        self.train_triples = self.kg.train.to(self.device)
 
-        self.state = TrainState()
+        self.state = self._resume() if resume else TrainState()
         self._clock: float | None = None  # perf_counter when training time last resumed
-        if last is not None:
-            last, self.state = load_latest_checkpoint(
-                self.last_dir, self.model, self.optimizer, self.scheduler, self.layout)
-            self.engine.global_steps = self.state.step
-            logger.info("resumed from %s at step %d", last, self.state.step)
         self.metrics = None
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if last is None or not saved_config.is_file():  # the original record stays
-                save_config(saved_config, model_config, cfg)
-            (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            self.run.write_json("ds_config.json", self.ds_config)
             self.metrics = MetricsLogger(self.output_dir)
             self.metrics.truncate_after(self.state.step)
             logger.info(
                 "%s; %d processes x %d triples per step, %d steps per epoch, %d steps; "
-                "%s parameters on %s, %s",
-                kg, self.world_size, cfg.batch_size, self.steps_per_epoch, self.total_steps,
+                "%s parameters on %s, %s", self.kg, self.world_size, cfg.batch_size,
+                self.steps_per_epoch, self.total_steps,
                 f"{sum(p.numel() for p in self.model.parameters()):,}", self.device,
                 self.precision,
             )
+
+    def _load_kg(self, kg: KnowledgeGraph | None, model_config: HittERConfig) -> KnowledgeGraph:
+        """``kg``, else the configured dataset; the model's entity and relation counts from it."""
+        if kg is None:
+            cfg = self.train_config
+            data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+            kg = load_kg(data_dir / model_config.dataset, drop_unseen=cfg.drop_unseen)
+        shape = (kg.num_entities, kg.num_relations)
+        if (model_config.num_entities, model_config.num_relations) != shape:
+            logger.info("model.num_entities/num_relations set from %s", kg)
+            model_config.num_entities, model_config.num_relations = shape
+        return kg
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch (each process takes its equal slice), the total, the data layout."""
+        cfg = self.train_config
+        per_rank = len(self.kg.train) // self.world_size
+        if per_rank < 1:
+            raise ValueError(f"{len(self.kg.train)} train triples for {self.world_size} processes")
+        self.steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+        self.total_steps = cfg.max_epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.layout = {"world_size": self.world_size, "batch_size": cfg.batch_size,
+                       "steps_per_epoch": self.steps_per_epoch}
+
+    def _resume(self) -> TrainState:
+        """The state in ``last/`` (engine restored), or a fresh one when there is none. A
+        mid-epoch resume replays the same data order only with the same data layout, so a
+        checkpoint written with another world size, batch size or epoch length is refused."""
+        client = self.run.load_last(self.engine)
+        if client is None:
+            return TrainState()
+        if client["layout"] != self.layout:
+            raise ValueError(
+                f"{self.run.last} was written with {client['layout']}, this run has "
+                f"{self.layout}; resume with the same number of processes and "
+                f"train.batch_size, or start a new run")
+        state = TrainState.from_dict(client["state"])
+        logger.info("resumed at step %d", state.step)
+        return state
 
     # ------------------------------------------------------------------ training
 
@@ -202,7 +200,7 @@ class Trainer:
         self._clock = time.perf_counter()  # st.train_seconds counts from here (validate)
         window, shown_loss = LogWindow(), "-"
         for epoch in range(st.step // spe, cfg.max_epochs):
-            if st.step >= self.total_steps or st.stopped_early:
+            if st.step >= self.total_steps or st.stopped:
                 break
             shard = epoch_shard(len(self.kg.train), epoch, cfg.seed, self.rank, self.world_size)
             for i in range(st.step - epoch * spe, spe):
@@ -231,7 +229,7 @@ class Trainer:
                     self.save_last()
                 if on_step is not None:
                     on_step(st.step)
-                if st.stopped_early:
+                if st.stopped:
                     break
         bar.close()
         if st.validated_step != st.step:  # stopped by max_steps or between validations
@@ -259,7 +257,7 @@ class Trainer:
 
     def validate(self) -> None:
         """Valid MRR on process 0; keeps ``best``, counts validations without improvement
-        and sets ``stopped_early`` on every process after ``patience`` of them. The valid
+        and sets ``stopped`` on every process after ``patience`` of them. The valid
         record of ``metrics.jsonl`` carries ``train_seconds``, the training time so far
         (validation excluded, checkpoint saves included): time to quality."""
         st, cfg = self.state, self.train_config
@@ -270,33 +268,26 @@ class Trainer:
         if self.rank == 0:
             metrics = self._evaluate(self.model, "valid")
             mrr = metrics["both"]["mrr"]
-            improved = mrr > st.best_mrr
-            if improved:
-                st.best_mrr, st.best_step, st.bad_validations = mrr, st.step, 0
+            if improved := st.record(mrr, st.step, cfg.patience):
                 valid = {"step": st.step, **metrics}
                 save_checkpoint(self.best_dir, self.model, cfg,
                                 json_files={"valid_metrics.json": valid}, card=valid)
-            else:
-                st.bad_validations += 1
             self._log({"epoch": st.step / self.steps_per_epoch,
                        **{f"valid_{k}": v for k, v in metrics["both"].items()},
-                       "best_valid_mrr": st.best_mrr, "train_seconds": st.train_seconds},
+                       "best_valid_mrr": st.best, "train_seconds": st.train_seconds},
                       prefix="valid/")
             logger.info("step %d: valid MRR %.4f (best %.4f at step %d)%s", st.step, mrr,
-                        st.best_mrr, st.best_step, "" if improved else
-                        f", {st.bad_validations}/{cfg.patience} without improvement")
-            stop[0] = float(cfg.patience > 0 and st.bad_validations >= cfg.patience)
+                        st.best, st.best_at, "" if improved else
+                        f", {st.since_best}/{cfg.patience} without improvement")
+            stop[0] = float(st.stopped)
         dist.broadcast(stop, src=0)
-        st.stopped_early = bool(stop.item())
-        if st.stopped_early and self.rank == 0:
+        st.stopped = bool(stop.item())
+        if st.stopped and self.rank == 0:
             logger.info("early stopping at step %d", st.step)
         self._clock = time.perf_counter()
 
     def save_last(self) -> None:
-        if self.rank == 0:
-            state = trainer_state_dict(self.state, self.optimizer, self.scheduler, self.layout)
-            save_checkpoint(self.last_dir, self.model, self.train_config, trainer_state=state)
-        dist.barrier()
+        self.run.save_last(self.engine, self.state, layout=self.layout)
 
     def _evaluate(self, model: HittER, split: str) -> dict[str, Any]:
         return evaluate(
@@ -317,9 +308,9 @@ class Trainer:
             best = existing_checkpoint(self.best_dir)
             model = HittER.from_pretrained(best).to(self.device)
             metrics = {"checkpoint": str(best), "dataset": self.kg.name,
-                       "best_step": self.state.best_step, **self._evaluate(model, "test")}
+                       "best_step": self.state.best_at, **self._evaluate(model, "test")}
             table = (f"{self.kg.name} test, filtered with train+valid+test; best valid MRR "
-                     f"{self.state.best_mrr:.4f} at step {self.state.best_step}\n"
+                     f"{self.state.best:.4f} at step {self.state.best_at}\n"
                      f"{format_table(metrics)}")
             write_test_metrics(self.output_dir, best, metrics, table, self.train_config)
             self._log({f"test_{k}": v for k, v in metrics["both"].items()}, prefix="test/")
@@ -337,9 +328,13 @@ def train(
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
     overwrite: bool = False,
-) -> Trainer:
+) -> Trainer | None:
     """Train (``Trainer.fit``) and test the best checkpoint; returns the trainer, whose
-    ``state`` and ``output_dir`` hold the outcome. ``kg`` defaults to the configured dataset."""
+    ``state`` and ``output_dir`` hold the outcome. ``kg`` defaults to the configured dataset.
+    With ``resume``, a run that finished (its test_metrics.json exists) is left as it is
+    (None), as in stage 2."""
+    if resume and not overwrite and finished_run(train_config.output_dir, "test_metrics.json"):
+        return None
     trainer = Trainer(model_config, train_config, kg=kg, ds_config=ds_config, resume=resume,
                       overwrite=overwrite)
     trainer.fit(on_step=on_step)

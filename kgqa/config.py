@@ -113,6 +113,8 @@ class QATrainConfig:
     """QA fine-tuning (appendix B; REFERENCE.md "Training"): hyper-parameters and run
     settings. One run = one dataset, one split, one seed (recipes loop over seeds)."""
 
+    RENAMED_FIELDS = {"lr_adapters": "lr_new"}  # old name -> new, read in saved files only
+
     dataset: Literal["webqsp", "freebaseqa"] = "webqsp"
     # "full" = all questions, "filtered" = topic and answer both in FB15K-237 (paper Table 5).
     split: Literal["full", "filtered"] = "filtered"
@@ -120,10 +122,10 @@ class QATrainConfig:
     output_dir: str = "runs/qa"
     # Prepared splits, cloze datasets, neighbour index; None = ~/.cache/hitter-kgqa.
     cache_dir: str | None = None
-    # Appendix B: Adam(W) at 5e-5 for the new cross-attention modules (here: every new module
-    # of the reader, adapters and heads) and 5e-6 for every pretrained weight (BERT and,
-    # co-trained, HittER).
-    lr_adapters: float = 5e-5
+    # Appendix B: Adam(W) at 5e-5 for the new cross-attention modules (here: every module new
+    # to the model, the reader's adapters and head, and LM weights its checkpoint lacks) and
+    # 5e-6 for every pretrained weight (BERT and, co-trained, HittER).
+    lr_new: float = 5e-5
     lr_pretrained: float = 5e-6
     # REFERENCE.md: weight decay 0.01 except biases and LayerNorm weights.
     weight_decay: float = 0.01

@@ -19,14 +19,16 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import evaluate
 import torch
 
 from hitter_core.cli import run_cli
-from hitter_core.faults import crash_point
+from hitter_core.runtime import crash_point
 from kgqa.report import METRICS_FILE, write_report
+
+if TYPE_CHECKING:  # the evaluate package takes ~1 s to import: only where a metric is computed
+    import evaluate
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "cloze_accuracy"
 __all__ = ["METRICS_FILE", "accuracy", "load_metric", "predict", "write_predictions"]
@@ -34,6 +36,8 @@ __all__ = ["METRICS_FILE", "accuracy", "load_metric", "predict", "write_predicti
 
 def load_metric() -> evaluate.EvaluationModule:
     """The cloze-accuracy metric module of this repository (offline)."""
+    import evaluate
+
     return evaluate.load(str(METRIC_DIR))
 
 

@@ -224,7 +224,7 @@ class KGEnhancedLM(PreTrainedModel):
         return self
 
     def new_modules(self) -> list[nn.Module]:
-        """The new modules (trained at ``lr_adapters``): cross-attention adapters and the head
+        """The new modules (trained at ``lr_new``): cross-attention adapters and the head
         (unless it has no weights: the LM's own softmax)."""
         head = [self.head] if any(True for _ in self.head.parameters()) else []
         return [m for m in self.modules() if isinstance(m, CrossAttentionAdapter)] + head

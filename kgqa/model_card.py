@@ -35,7 +35,7 @@ def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: fl
         ("Data", f"{t.dataset} {t.split} (HittER's released splits; dev = "
                  f"{t.dev_fraction:.0%} of train, chosen by question id)."),
         ("Configuration", settings_table({
-            "epochs": t.epochs, "batch_size": t.batch_size, "lr_adapters": t.lr_adapters,
+            "epochs": t.epochs, "batch_size": t.batch_size, "lr_new": t.lr_new,
             "lr_pretrained": t.lr_pretrained, "seed": t.seed,
             "max_neighbours": m.max_neighbours})),
         ("Metrics", result),

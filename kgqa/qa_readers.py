@@ -92,10 +92,6 @@ class Selection:
     def skip(self, reason: str, question_id: str) -> None:
         self.skipped.setdefault(reason, []).append(question_id)
 
-    @property
-    def num_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
-
     def log_skips(self) -> None:
         for reason, ids in self.skipped.items():
             shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")

@@ -53,7 +53,7 @@ def run_variant(model_config: Any, train_config: Any) -> dict[str, Any]:
         "kg_text_length": model_config.kg_text_length,
         "max_neighbours": model_config.max_neighbours,
         "shuffle_topics": train_config.shuffle_topics,
-        "protocol": {"epochs": train_config.epochs, "lr_adapters": train_config.lr_adapters,
+        "protocol": {"epochs": train_config.epochs, "lr_new": train_config.lr_new,
                      "lr_pretrained": train_config.lr_pretrained,
                      "batch_size": train_config.batch_size,
                      "max_train_examples": train_config.max_train_examples,
@@ -101,7 +101,8 @@ def protocol_label(result: dict[str, Any]) -> str:
     p = result.get("variant", {}).get("protocol")
     if not p:
         return "–"
-    label = f"{p['epochs']} ep, lr {p['lr_adapters']:g} / {p['lr_pretrained']:g}"
+    lr_new = p.get("lr_new", p.get("lr_adapters"))  # its name before 2026-12-07
+    label = f"{p['epochs']} ep, lr {lr_new:g} / {p['lr_pretrained']:g}"
     cuts = [f"{part} cut to {p[key]}" for part, key in (("train", "max_train_examples"),
                                                         ("dev/test", "max_eval_examples"))
             if p.get(key) is not None]

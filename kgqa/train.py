@@ -15,12 +15,12 @@ code on several processes.)
   neighbourhoods in HittER's graph (:mod:`kgqa.batches`).
 * Data: the prepared splits (:func:`kgqa.prepare.load_qa_splits`, prepared on first use).
 * Optimisation (:class:`kgqa.config.QATrainConfig`): AdamW, the reader's new modules (the
-  paper's cross-attention adapters, a head) at ``lr_adapters`` (5e-5), pretrained weights
+  paper's cross-attention adapters, a head) at ``lr_new`` (5e-5), pretrained weights
   (LM, and HittER unless frozen) at ``lr_pretrained`` (5e-6); weight decay except on biases
   and LayerNorm weights; linear warm-up over 10% of the steps, then linear decay to 0
   (``hitter_core.optim``); gradient clipping 1.0 (DeepSpeed, global norm); batch 16 per
   process; 20 epochs. LM weights that the LM checkpoint lacks
-  (the MLM head of the offline MiniLM, never bert-base-uncased's) train at ``lr_adapters``.
+  (the MLM head of the offline MiniLM, never bert-base-uncased's) train at ``lr_new``.
 * Selection: dev accuracy (the dev split carved from train) every ``eval_every`` epochs; the
   best model and its tokenizer are saved atomically to ``<output_dir>/best``; the test split is
   evaluated once, with that checkpoint. Outputs: ``run_config.yaml``, ``best/``,
@@ -48,18 +48,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from hitter_core.checkpoint import MetricsLogger, hitter_identity, write_dir_atomically
+from hitter_core.checkpoint import hitter_identity
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
 from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.distributed import init_distributed, initialize_engine
-from hitter_core.faults import crash_point
 from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from hitter_core.optim import linear_schedule
 from hitter_core.precision import resolve_precision
+from hitter_core.run_dir import MetricsLogger, RunDir, finished_run
+from hitter_core.runtime import crash_point
 from hitter_core.sections import load_sections
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, compute_loss
-from kgqa.checkpoint import QATrainState, load_last, prepare_output_dir, remove_last, save_last
+from kgqa.checkpoint import FINISHED, OUTPUTS, QATrainState, restore_rng_states, rng_states
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
 from kgqa.data import answer_is_neighbour
 from kgqa.evaluate import (
@@ -85,7 +86,7 @@ def optimizer_groups(
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups over the trainable parameters (each once; tied weights once):
     the reader's new modules (adapters, head: ``KGEnhancedLM.new_modules``) and the ``fresh``
-    (newly initialised, by name) LM weights at ``lr_adapters``,
+    (newly initialised, by name) LM weights at ``lr_new``,
     every other (pretrained) weight at ``lr_pretrained``; weight decay on every parameter
     except biases and LayerNorm weights (REFERENCE.md)."""
     no_decay = set()
@@ -98,7 +99,7 @@ def optimizer_groups(
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            lr = train.lr_adapters if id(p) in new else train.lr_pretrained
+            lr = train.lr_new if id(p) in new else train.lr_pretrained
             wd = 0.0 if id(p) in no_decay else train.weight_decay
             groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
@@ -111,7 +112,7 @@ def build_engine(
     """DeepSpeed engine over AdamW (:func:`optimizer_groups`) and the linear warm-up / decay
     schedule; the engine clips gradients (global norm) and steps the schedule, and autocasts
     the forward to bf16 where ``train.precision`` resolves to it on ``device``."""
-    optimizer = torch.optim.AdamW(optimizer_groups(model, train, fresh), lr=train.lr_adapters,
+    optimizer = torch.optim.AdamW(optimizer_groups(model, train, fresh), lr=train.lr_new,
                                   fused=True)
     return initialize_engine(
         model, optimizer, linear_schedule(optimizer, total_steps, train.warmup_ratio), ds_config,
@@ -142,13 +143,12 @@ class Trainer:
         self.model_config = model_config  # as asked for (model cards)
         self.rank, self.world_size, self.device = init_distributed()
         transformers.set_seed(cfg.seed)
-        self.output_dir = Path(cfg.output_dir)
-        self.best_dir = self.output_dir / "best"
+        self.run = RunDir(cfg.output_dir, OUTPUTS)
+        self.output_dir, self.best_dir = self.run.path, self.run.best
         data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        if self.rank == 0:  # resolved config first: it records what was asked for
-            prepare_output_dir(self.output_dir, {"model": model_config, "train": cfg},
-                               resume, overwrite)
+        if self.rank == 0:  # refuse, resume or overwrite; the resolved config first
+            self.run.claim({"model": model_config, "train": cfg}, resume, overwrite)
         if self.world_size > 1:
             dist.barrier()
 
@@ -169,7 +169,7 @@ class Trainer:
         self.model.head.set_tables(kg, self.tokenizer)  # names etc. the reader keeps
         if self.rank == 0:
             n_new = sum(p.numel() for n, p in self.model.named_parameters() if n in fresh)
-            logger.info("LM weights newly initialised (trained at lr_adapters): %d", n_new)
+            logger.info("LM weights newly initialised (trained at lr_new): %d", n_new)
 
         sampler = DistributedSampler(self.data["train"], num_replicas=self.world_size,
                                      rank=self.rank, shuffle=True, seed=cfg.seed)
@@ -178,13 +178,22 @@ class Trainer:
         total_steps = cfg.epochs * len(self.train_loader)
         self.engine = build_engine(self.model, cfg, total_steps, fresh, ds_config, self.device)
         self.device = self.engine.device
-        self.state = QATrainState()
-        if resume:
-            self.state = load_last(self.engine, self.output_dir, self.collate_generator) or (
-                self.state)
-        self.metrics = MetricsLogger(self.output_dir) if self.rank == 0 else None
-        if self.metrics is not None:  # a resumed run redoes the epochs after its last/
-            self.metrics.truncate_after(self.state.epoch)
+        self.state = self._resume() if resume else QATrainState()
+        self.metrics = None
+        if self.rank == 0:
+            self.run.write_json("ds_config.json", self.engine.config)
+            self.metrics = MetricsLogger(self.output_dir)
+            self.metrics.truncate_after(self.state.epoch)  # a resumed run redoes later epochs
+
+    def _resume(self) -> QATrainState:
+        """The state in ``last/`` (engine and RNG states restored), or a fresh one."""
+        client = self.run.load_last(self.engine)
+        if client is None:
+            return QATrainState()
+        restore_rng_states(client, self.collate_generator)
+        state = QATrainState.from_dict(client["state"])
+        logger.info("resumed after epoch %d", state.epoch)
+        return state
 
     @property
     def collate_generator(self) -> torch.Generator | None:
@@ -228,7 +237,7 @@ class Trainer:
     def _save_best(self, tmp: Path) -> None:
         self.engine.module.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        qa_card(tmp, self.model_config, self.train_config, self.state.best, self.state.best_epoch,
+        qa_card(tmp, self.model_config, self.train_config, self.state.best, self.state.best_at,
                 shown_as=self.best_dir)
 
     def fit(self, on_epoch: Callable[[int], None] | None = None) -> float:
@@ -260,15 +269,11 @@ class Trainer:
                 if self.rank == 0:
                     dev = accuracy(predict(engine.module, self.dev_loader, self.device), metric)
                     entry["dev_accuracy"] = dev["accuracy"]
-                    if dev["accuracy"] > st.best:
-                        st.best, st.best_epoch, st.since_best = dev["accuracy"], epoch, 0
-                        write_dir_atomically(self.best_dir, self._save_best)
-                    else:
-                        st.since_best += 1
-                    st.stopped = cfg.patience > 0 and st.since_best >= cfg.patience
+                    if st.record(dev["accuracy"], epoch, cfg.patience):
+                        self.run.write("best", self._save_best)
                     logger.info("epoch %d: loss %.4f, dev accuracy %.4f (best %.4f, epoch %d), "
                                 "%.0f s", epoch, entry["train_loss"], dev["accuracy"],
-                                st.best, st.best_epoch, entry["seconds"])
+                                st.best, st.best_at, entry["seconds"])
                 st.stopped = _broadcast(st.stopped)
             elif self.rank == 0:
                 logger.info("epoch %d: loss %.4f, %.0f s", epoch, entry["train_loss"],
@@ -276,7 +281,7 @@ class Trainer:
             st.epoch, st.train_seconds = epoch, st.train_seconds + time.time() - t0
             if self.metrics is not None:
                 self.metrics.log({"step": epoch, **entry}, prefix="qa/")
-            save_last(engine, self.output_dir, st, self.collate_generator)
+            self.run.save_last(engine, st, **rng_states(self.collate_generator))
             if on_epoch is not None:
                 on_epoch(epoch)
             if st.stopped:
@@ -309,7 +314,7 @@ class Trainer:
             "kg_identity": None if model_cfg.kg_checkpoint is None else hitter_identity(
                 model_cfg.kg_checkpoint),  # which HittER: the report never mixes two
             "variant": run_variant(model_cfg, cfg),
-            "best_epoch": self.state.best_epoch,
+            "best_epoch": self.state.best_at,
             "dev": {"accuracy": self.state.best, "total": len(self.data["dev"])},
             "test": test, "epochs_run": self.state.epoch, "history": self.state.history,
             "train_examples": len(self.data["train"]),
@@ -318,11 +323,11 @@ class Trainer:
             "zero_stage": cfg.zero_stage,
         }
         (self.output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        remove_last(self.output_dir)  # the run is complete: best/ and the metrics remain
-        qa_card(self.best_dir, self.model_config, cfg, self.state.best, self.state.best_epoch,
+        self.run.remove_last()  # the run is complete: best/ and the metrics remain
+        qa_card(self.best_dir, self.model_config, cfg, self.state.best, self.state.best_at,
                 test)
         logger.info("test accuracy %.4f (%d / %d), best epoch %d, dev %.4f", test["accuracy"],
-                    test["correct"], test["total"], self.state.best_epoch, self.state.best)
+                    test["correct"], test["total"], self.state.best_at, self.state.best)
         return metrics
 
 
@@ -332,9 +337,7 @@ def train(
 ) -> Trainer | None:
     """Fine-tune (``Trainer.fit``) and test the best checkpoint; returns the trainer. With
     ``resume``, a run that finished (its metrics.json exists) is left as it is (None)."""
-    finished = Path(train_config.output_dir) / METRICS_FILE
-    if resume and not overwrite and finished.is_file():
-        logger.info("%s: the run finished already; nothing to resume", finished)
+    if resume and not overwrite and finished_run(train_config.output_dir, FINISHED):
         return None
     trainer = Trainer(model_config, train_config, ds_config=ds_config, resume=resume,
                       overwrite=overwrite)

@@ -23,7 +23,7 @@
 #                        "model.reader=paper" (the paper's adapters), "model.reader=paper+link"
 #   PYTHON               the interpreter with the project installed [python]
 set -euo pipefail
-# A worker stops when this recipe is gone, even after kill -9 (hitter_core.cli.stop_with_recipe).
+# A worker stops when this recipe is gone, even after kill -9 (hitter_core.runtime.stop_with_recipe).
 export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNAME"
 # Ctrl-C or kill stops the workers too: long commands run in the background and the
 # script waits for them (a trap runs at once during `wait`, not after a foreground command).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # QA fine-tuning of the KG-enhanced masked LM (paper section 4, Table 6): one run of
-# kgqa.train per seed through the DeepSpeed launcher, then the accuracy table of every run
+# kgqa.train per seed (through the DeepSpeed launcher when --nproc > 1), then the accuracy table of every run
 # under the output directory (python -m kgqa.evaluate report).
 #
 #   bash recipes/finetune_qa.sh --dataset webqsp --split filtered \
@@ -24,7 +24,7 @@
 # Environment: PYTHON [python] (the interpreter with the project installed), KGQA_DATA_DIR
 # (data root), TORCH_EXTENSIONS_DIR (where DeepSpeed builds its CPU communication op once).
 set -euo pipefail
-# A worker stops when this recipe is gone, even after kill -9 (hitter_core.cli.stop_with_recipe).
+# A worker stops when this recipe is gone, even after kill -9 (hitter_core.runtime.stop_with_recipe).
 export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNAME"
 # Ctrl-C or kill stops the workers too: long commands run in the background and the
 # script waits for them (a trap runs at once during `wait`, not after a foreground command).
@@ -63,12 +63,21 @@ mkdir -p "$out"
 
 for ((i = 0; i < seeds; i++)); do
   s=$((seed + i))
-  # A free port per run: other jobs on the machine may hold the launcher's default (29500).
-  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   echo "== preset $preset, kg $kg_tag, seed $s -> $out/seed$s"
-  "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
-    --module kgqa.train --preset "$preset" --output-dir "$out/seed$s" --resume \
-    "${sets[@]}" "train.seed=$s" "${extra[@]}" &
+  if [[ -f "$out/seed$s/metrics.json" ]]; then  # written last: the run is complete
+    echo "$out/seed$s/metrics.json: the run finished already; nothing to resume"
+    continue
+  fi
+  args=(--preset "$preset" --output-dir "$out/seed$s" --resume "${sets[@]}" "train.seed=$s"
+        "${extra[@]}")
+  if [[ $nproc == 1 ]]; then  # one process: the trainer forms a world of one, no launcher
+    "$PYTHON" -m kgqa.train "${args[@]}" &
+  else
+    # A free port per run: other jobs on the machine may hold the launcher's default (29500).
+    port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" \
+      --module kgqa.train "${args[@]}" &
+  fi
   wait $!
 done
 

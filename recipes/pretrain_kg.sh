@@ -18,7 +18,7 @@
 #   KGQA_DATA_DIR           data root (default data/prepared); HF_HUB_OFFLINE is passed through
 #   TORCH_EXTENSIONS_DIR    where DeepSpeed builds its CPU communication op once (~1-2 min)
 set -euo pipefail
-# A worker stops when this recipe is gone, even after kill -9 (hitter_core.cli.stop_with_recipe).
+# A worker stops when this recipe is gone, even after kill -9 (hitter_core.runtime.stop_with_recipe).
 export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNAME"
 
 PYTHON=${PYTHON:-python}

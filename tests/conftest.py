@@ -10,6 +10,8 @@ import torch
 from hitter_core.data import DATA_DIR_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: a thread per worker, not 2 x 2 on 2 cores
+    torch.set_num_threads(1)
 
 # The QA tests (test_kg*.py, test_qa*.py) import deepspeed, datasets and evaluate. Where one is
 # missing (a GPU machine before bench/gpu/prepare.sh's wheels are installed) they are left out,
@@ -60,6 +62,23 @@ def minilm_path() -> str:
     from kgqa.lm import resolve_lm
 
     return resolve_lm("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, minilm_path) -> str:
+    """A 2-layer, 32-wide BERT masked LM (random weights) with MiniLM's tokenizer: for tests of
+    the run lifecycle (resume, crashes, recipes), where what the LM knows does not matter and
+    MiniLM's 90 MB of weights (280 MB with AdamW's state per checkpoint) only cost time."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ QUESTIONS = [(QUESTION, "france", "paris"), (QUESTION, "germany", "berlin"),
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, minilm_path):
+def trained(tmp_path_factory, tiny_lm):
     root = tmp_path_factory.mktemp("ask")
     (root / "toy").mkdir()
     for split in ("train", "valid", "test"):
@@ -41,10 +41,10 @@ def trained(tmp_path_factory, minilm_path):
                         num_relations=kg.num_relations, hidden_size=32, num_attention_heads=2,
                         intermediate_size=64, num_context_layers=1, max_neighbours=8)
            ).save_pretrained(root / "hitter")
-    config = KGQAConfig(lm=minilm_path, kg_checkpoint=str(root / "hitter"), reader="copy",
+    config = KGQAConfig(lm=tiny_lm, kg_checkpoint=str(root / "hitter"), reader="copy",
                         freeze_kg=True, max_neighbours=8)
     model, _ = build_model(config)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
     model.mask_token_id = tokenizer.mask_token_id
     model.head.set_tables(kg, tokenizer)
     index = NeighbourIndex.build(kg, seed=model.config.kg_config["neighbour_order_seed"])

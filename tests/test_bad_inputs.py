@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from hitter_core.checkpoint import CorruptCheckpoint, clean_run_dir, load_hitter
+from hitter_core.checkpoint import CorruptCheckpoint, load_hitter
 from hitter_core.cli import run_cli
 from hitter_core.config import HittERConfig
 from hitter_core.evaluate import main as evaluate_main
 from hitter_core.model import HittER
+from hitter_core.run_dir import remove_temporaries
 from kgqa.lm import resolve_lm
 from kgqa.train import main as qa_train_main
 
@@ -65,11 +66,12 @@ def test_language_model_names(monkeypatch, name, words):
 
 def test_temporaries_a_crash_left_are_removed(tmp_path):
     """A kill while a checkpoint was written leaves .last.tmp-* / .best.tmp-*; the next start
-    (either stage, clean_run_dir) removes them and keeps the run's checkpoints."""
+    (either stage: RunDir.claim, remove_temporaries) removes them and keeps the run's
+    checkpoints."""
     for name in (".last.tmp-123", ".best.tmp-456", "last", "best"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"x")
-    assert clean_run_dir(tmp_path) == []
+    assert sorted(remove_temporaries(tmp_path)) == [".best.tmp-456", ".last.tmp-123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "best", "last"]
 
 
@@ -78,17 +80,17 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
     checkpoints and log: the second stops with a one-line error while the first lives, and
     the directory is free again once the first process is gone (killed, here)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from hitter_core.checkpoint import "
+        [sys.executable, "-c", "import sys, time; from hitter_core.run_dir import "
          "lock_run_dir; lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match="another run is writing to this directory"):
-            clean_run_dir(tmp_path)
+            remove_temporaries(tmp_path)
     finally:
         holder.kill()
         holder.wait()
-    assert clean_run_dir(tmp_path) == []  # released by the kill
+    assert remove_temporaries(tmp_path) == []  # released by the kill
 
 
 @pytest.mark.parametrize("override, line", [

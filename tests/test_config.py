@@ -80,6 +80,19 @@ def test_a_run_saved_before_model_reader_resumes_with_its_reader(tmp_path):
         load_sections(QA_SCHEMA, None, ["model.link_head=true"])
 
 
+def test_a_renamed_setting_reads_under_its_new_name_in_saved_runs(tmp_path):
+    """train.lr_adapters (before 2026-12-07) is train.lr_new: a saved run_config.yaml with the
+    old name loads and resumes; on the command line the old name is one line naming the new."""
+    saved = tmp_path / RUN_CONFIG_NAME
+    saved.write_text(yaml.safe_dump({"model": {"lm": "minilm", "reader": "none"},
+                                     "train": {"lr_adapters": 5.0e-4}}))
+    assert load_sections(QA_SCHEMA, saved)["train"].lr_new == 5.0e-4
+    check_same_config(saved, load_sections(QA_SCHEMA, None, [
+        "model.lm=minilm", "model.reader=none", "train.lr_new=5e-4"]))
+    with pytest.raises(KeyError, match="train.lr_adapters': renamed train.lr_new"):
+        load_sections(QA_SCHEMA, None, ["train.lr_adapters=1e-3"])
+
+
 def test_wn18rr_preset_values():
     model, train = load_config("wn18rr")
     assert (model.dataset, model.num_entities, model.num_relations) == ("wn18rr", 40943, 11)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hitter_core.cli import run_cli
 from hitter_core.data import DataFormatError, load_kg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,8 @@ def test_download_offline_message(monkeypatch, capsys, tmp_path):
         raise download.urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
-    assert download.main(["--out", str(tmp_path), "--datasets", "wn18rr"]) == 1
+    assert run_cli(download.main, ["--out", str(tmp_path), "--datasets", "wn18rr"],
+                   user_errors=(download.FetchError,)) == 2
     err = capsys.readouterr().err
     assert "could not download" in err and "--from-local" in err
 

@@ -1,4 +1,4 @@
-"""Nothing lost on a crash: real SIGKILLs of training processes (``hitter_core.faults``) at six
+"""Nothing lost on a crash: real SIGKILLs of training processes (``hitter_core.runtime``) at six
 points a stage (mid-step, a checkpoint complete but not swapped in, between the two renames
 of the swap, mid-validation or mid-prediction, mid-test, a metrics line half written), then
 ``--resume``. Each resumed run ends with the uninterrupted run's weights bit for bit (CPU, one
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hitter_core.faults import ENV
 from hitter_core.model import HittER
+from hitter_core.runtime import CRASH_ENV as ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
@@ -32,10 +32,19 @@ def run(cmd: list[str], crash: str | None = None, timeout: int = 300):
                           timeout=timeout)
 
 
-def assert_same_run(out: Path, reference: Path, weights: tuple[str, ...], test_file: str,
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A saved model's weights: ``best/model.safetensors``, or the engine checkpoint in
+    ``last`` (DeepSpeed's file of process 0)."""
+    if path.name == "last":
+        return torch.load(path / "state" / "mp_rank_00_model_states.pt",
+                          weights_only=False)["module"]
+    return load_file(path)
+
+
+def assert_same_run(out: Path, reference: Path, saved: tuple[str, ...], test_file: str,
                     test_key: str) -> None:
-    for name in weights:
-        a, b = load_file(out / name), load_file(reference / name)
+    for name in saved:
+        a, b = weights(out / name), weights(reference / name)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
@@ -76,7 +85,7 @@ def stage1(tmp_path_factory):
         result = run(cmd(out))
         assert result.returncode == 0, result.stderr[-3000:]
     # The run-to-run noise the comparisons below allow: two uninterrupted runs are identical.
-    assert_same_run(root / "again", reference, ("last/model.safetensors",), "test_metrics.json",
+    assert_same_run(root / "again", reference, ("last",), "test_metrics.json",
                     "both")
     return root, cmd, reference
 
@@ -92,7 +101,7 @@ def test_stage1_killed_and_resumed(stage1, crash):
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run(cmd(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_run(out, reference, ("last/model.safetensors", "best/model.safetensors"),
+    assert_same_run(out, reference, ("last", "best/model.safetensors"),
                     "test_metrics.json", "both")
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(x)["step"] for x in
@@ -104,7 +113,7 @@ def test_stage1_killed_and_resumed(stage1, crash):
 
 
 @pytest.fixture(scope="module")
-def stage2(tmp_path_factory, data_root, fb15k237):
+def stage2(tmp_path_factory, data_root, fb15k237, tiny_lm):
     root = tmp_path_factory.mktemp("stage2")
     torch.manual_seed(0)
     from hitter_core.config import HittERConfig
@@ -120,7 +129,7 @@ def stage2(tmp_path_factory, data_root, fb15k237):
                 f"model.kg_checkpoint={root / 'hitter'}", "model.freeze_kg=false",
                 "train.epochs=3", "train.batch_size=8", "train.max_train_examples=16",
                 "train.max_eval_examples=8", f"train.cache_dir={root / 'cache'}",
-                "train.seed=7"]
+                "train.seed=7", f"model.lm={tiny_lm}"]
 
     reference = root / "reference"
     result = run(cmd(reference))

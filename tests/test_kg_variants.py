@@ -479,7 +479,7 @@ def test_reader_names_are_checked_and_combine_only_adapters_with_a_head():
 def test_a_new_reader_is_one_class_and_one_registry_line(base_lm, neighbours, tokenizer,
                                                          monkeypatch):
     """The seam: a KGReader subclass and its READERS entry are all a new reader needs; the
-    model builds it, trains it at lr_adapters, combines it with adapters, and the report
+    model builds it, trains it at lr_new, combines it with adapters, and the report
     names it."""
 
     class VocabularyBias(KGReader):  # a learned bias over the vocabulary: reads nothing of KG
@@ -572,7 +572,7 @@ def test_text_baseline_is_deterministic_and_cut_safely(kg, neighbours, tokenizer
 def result(seed, acc, kg="none", total=100, **variant):
     v = {"adapter": "paper", "copy_head": False, "kg_init": "pretrained",
          "kg_text_length": 0, "shuffle_topics": False,
-         "protocol": {"epochs": 20, "lr_adapters": 5e-4, "lr_pretrained": 5e-5,
+         "protocol": {"epochs": 20, "lr_new": 5e-4, "lr_pretrained": 5e-5,
                       "batch_size": 16}} | variant
     return {"lm": "minilm", "kg": kg, "dataset": "webqsp", "split": "filtered", "seed": seed,
             "train_examples": 676, "test": {"accuracy": acc, "total": total}, "variant": v}
@@ -599,7 +599,7 @@ def test_report_rows_gains_and_protocols():
     labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other])["rows"]]
     assert ("minilm", "6 ep, lr 0.0005 / 5e-05") in labels
     other_lr = result(3, 0.9)
-    other_lr["variant"]["protocol"]["lr_adapters"] = 5e-5
+    other_lr["variant"]["protocol"]["lr_new"] = 5e-5
     labels = [(r["label"], r["protocol"]) for r in build_report(runs + [other_lr])["rows"]]
     assert ("minilm", "20 ep, lr 5e-05 / 5e-05") in labels
     with pytest.raises(ValueError, match="differ in train / test size"):  # another train size

@@ -260,7 +260,7 @@ def test_frozen_or_cotrained_hitter(base_lm, neighbours, batch, freeze_kg):
     train = QATrainConfig()
     lr_of = {id(p): g["lr"] for g in optimizer_groups(model, train) for p in g["params"]}
     adapters = {id(p) for a in model.new_modules() for p in a.parameters()}
-    assert adapters and all(lr_of[i] == train.lr_adapters for i in adapters)
+    assert adapters and all(lr_of[i] == train.lr_new for i in adapters)
     assert all(lr_of[id(p)] == train.lr_pretrained
                for p in model.lm.bert.encoder.layer[0].parameters())
     assert bool(set(map(id, hitter_params)) & set(lr_of)) is not freeze_kg
@@ -273,7 +273,7 @@ def test_optimizer_groups(base_lm, neighbours):
     groups = optimizer_groups(model, train)
     adapter = model.new_modules()[0]
     by_param = {id(p): g for g in groups for p in g["params"]}
-    assert by_param[id(adapter.query.weight)]["lr"] == train.lr_adapters == 5e-5
+    assert by_param[id(adapter.query.weight)]["lr"] == train.lr_new == 5e-5
     assert by_param[id(adapter.query.weight)]["weight_decay"] == 0.01
     assert by_param[id(adapter.query.bias)]["weight_decay"] == 0.0
     assert by_param[id(adapter.norm.weight)]["weight_decay"] == 0.0
@@ -365,7 +365,7 @@ def test_overfits_a_few_questions(base_lm, neighbours, tokenizer):
     # the optimiser's work and the head's transform and bias are enough to fit.
     model.lm.bert.embeddings.word_embeddings.requires_grad_(False)
     torch.manual_seed(0)
-    train = QATrainConfig(lr_adapters=1e-3, lr_pretrained=5e-4)
+    train = QATrainConfig(lr_new=1e-3, lr_pretrained=5e-4)
     optimizer = torch.optim.AdamW(optimizer_groups(model, train))
     for _ in range(40):
         loss = model(**batch).loss

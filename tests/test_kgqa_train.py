@@ -141,7 +141,7 @@ def test_two_learning_rates_and_weight_decay(minilm, freeze_kg):
 
 def test_schedule_warms_up_then_decays(monkeypatch, minilm):
     model, fresh = minilm
-    train = QATrainConfig(lr_adapters=4e-5, lr_pretrained=2e-6)  # configurable
+    train = QATrainConfig(lr_new=4e-5, lr_pretrained=2e-6)  # configurable
     seen = captured_engine(monkeypatch, model, train, 20, fresh)  # 2 warm-up steps
     optimizer, scheduler = seen["optimizer"], seen["scheduler"]
     lrs = []
@@ -168,7 +168,7 @@ def test_engine_smoke(neighbours):
                                     num_attention_heads=4, intermediate_size=64))
     model = KGEnhancedLM(KGQAConfig(max_neighbours=4), lm, tiny_hitter())
     engine = build_engine(model, QATrainConfig(batch_size=4, max_grad_norm=0.5,
-                                               lr_adapters=1e-2, lr_pretrained=1e-2,
+                                               lr_new=1e-2, lr_pretrained=1e-2,
                                                warmup_ratio=0.0), total_steps=100)
     assert engine.train_micro_batch_size_per_gpu() == 4
     assert engine.gradient_clipping() == 0.5 and not engine.bfloat16_enabled()
@@ -194,13 +194,13 @@ def test_command_line_flags_and_overrides(tmp_path):
         "model.kg_checkpoint=runs/h/best", "train.seed=334", "--data-dir", "/data",
     ])
     assert (model.lm, model.freeze_kg, model.kg_checkpoint) == ("minilm", True, "runs/h/best")
-    assert (train.lr_adapters, train.lr_pretrained, train.epochs) == (5e-4, 5e-5, 6)
+    assert (train.lr_new, train.lr_pretrained, train.epochs) == (5e-4, 5e-5, 6)
     assert (train.seed, train.output_dir, train.data_dir) == (334, str(tmp_path), "/data")
     assert args.ds_config == "x"
     full = load_sections(QA_SCHEMA, "qa-webqsp-full-minilm-cpu")
     assert (full["train"].split, full["train"].epochs) == ("full", 2)
     paper = load_sections(QA_SCHEMA, "qa-paper")
-    assert paper["train"].lr_adapters == QATrainConfig.lr_adapters  # paper = the defaults
+    assert paper["train"].lr_new == QATrainConfig.lr_new  # paper = the defaults
     with pytest.raises(KeyError, match="did you mean train.seed"):
         parse_args(["train.sed=3"])
     with pytest.raises(ConfigError, match="train.epochs"):
@@ -211,7 +211,8 @@ def test_command_line_flags_and_overrides(tmp_path):
 
 
 @pytest.mark.realdata
-def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root, fb15k237):
+def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root, fb15k237,
+                                                            tiny_lm):
     ckpt = tmp_path / "hitter"
     tiny_hitter(fb15k237.num_entities, fb15k237.num_relations).save_pretrained(ckpt)
     out = tmp_path / "run"
@@ -220,6 +221,7 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
         "--output-dir", str(out), f"model.kg_checkpoint={ckpt}", "model.freeze_kg=false",
         "train.epochs=2", "train.seed=7", "train.max_train_examples=16",
         "train.max_eval_examples=8", f"train.cache_dir={tmp_path / 'cache'}",
+        f"model.lm={tiny_lm}",
     ]) == 0
     assert (out / "best" / "model.safetensors").is_file()
     assert (out / "best" / "tokenizer.json").is_file()  # loads without the original LM
@@ -247,7 +249,8 @@ def test_short_run_writes_checkpoint_predictions_and_metrics(tmp_path, data_root
 
 
 @pytest.mark.realdata
-def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one_thread):
+def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one_thread,
+                                              tiny_lm):
     """Run A trains 3 epochs; run B crashes after epoch 1. B's directory is refused without
     --resume, and with a changed setting; resumed, B ends with exactly A's weights, history
     and test result. --overwrite starts afresh."""
@@ -258,7 +261,7 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
         model, train, _ = parse_args([
             "--preset", "qa-webqsp-minilm-cpu", "--data-dir", str(data_root), "--output-dir",
             str(out), f"model.kg_checkpoint={ckpt}", "model.freeze_kg=false", "train.epochs=3",
-            "train.max_train_examples=16", "train.max_eval_examples=8",
+            "train.max_train_examples=16", "train.max_eval_examples=8", f"model.lm={tiny_lm}",
             f"train.cache_dir={tmp_path / 'cache'}", *more])
         return qa_train.Trainer(model, train, resume=resume, overwrite=overwrite)
 
@@ -278,8 +281,8 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
     assert (tmp_path / "b" / "last").is_dir() and not (tmp_path / "b" / "metrics.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         run(tmp_path / "b")
-    with pytest.raises(ConfigError, match="train.lr_adapters"):
-        run(tmp_path / "b", "train.lr_adapters=1e-3", resume=True)
+    with pytest.raises(ConfigError, match="train.lr_new"):
+        run(tmp_path / "b", "train.lr_new=1e-3", resume=True)
     resumed = run(tmp_path / "b", resume=True)
     assert resumed.state.epoch == 1 and len(resumed.state.history) == 1
     resumed.fit()
@@ -303,7 +306,7 @@ def test_resume_after_crash_continues_exactly(tmp_path, data_root, fb15k237, one
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_two_cpu_processes(tmp_path, data_root):
+def test_two_cpu_processes(tmp_path, data_root, tiny_lm):
     """recipes/finetune_qa.sh --nproc 2 on CPU (once hung at DeepSpeed's shared-memory set-up)
     trains data-parallel to the end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
@@ -311,7 +314,7 @@ def test_two_cpu_processes(tmp_path, data_root):
     cmd = ["bash", "recipes/finetune_qa.sh", "--preset", "qa-webqsp-minilm-cpu",
            "--kg-checkpoint", "none", "--nproc", "2", "--out", str(tmp_path / "runs"), "--",
            "train.max_train_examples=16", "train.max_eval_examples=8", "train.epochs=1",
-           f"train.cache_dir={tmp_path / 'cache'}"]
+           f"model.lm={tiny_lm}", f"train.cache_dir={tmp_path / 'cache'}"]
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

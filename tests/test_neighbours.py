@@ -2,6 +2,7 @@
 duplicate-pair rule, evaluation determinism, training sampling, ground-truth removal, drop,
 padding, and the on-disk cache. Tiny hand-made graphs plus real FB15K-237 / WN18RR."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -267,10 +268,17 @@ def test_default_cache_dir_is_not_the_data_dir(tmp_path, monkeypatch):
     assert not list((tmp_path / "ds").glob("*.pt"))
 
 
-def test_degree_stats(tiny):
-    stats = tiny.degree_stats(max_neighbours=2)
-    assert stats["sources"] == 4 and stats["isolated"] == 1 and stats["max"] == 3
-    assert stats["fits"] == pytest.approx(3 / 4)
+def test_degree_stats_logged_when_built(tiny, caplog):
+    # Degrees 3, 2, 1, 2, 0: four sources (lower median 2) and one isolated entity.
+    stats = {"sources": 4, "isolated": 1, "mean": 2.0, "median": 2.0, "max": 3}
+    assert tiny.degree_stats() == stats
+    empty = NeighbourIndex.from_triples(torch.zeros(0, 3, dtype=torch.long), 3, 2)
+    assert empty.degree_stats() == {"sources": 0, "isolated": 3, "mean": 0.0, "median": 0.0,
+                                    "max": 0}
+    with caplog.at_level(logging.INFO, logger="hitter_core.neighbours"):
+        NeighbourIndex.build(make_kg(TINY_TRAIN, TINY_VALID), use_cache=False)
+    assert "neighbour index of tiny: 4 entities with neighbour tokens, 1 without; tokens per " \
+           "entity: mean 2.0, median 2, max 3" in caplog.text
 
 
 # --------------------------------------------------------------------------- real data

@@ -1,5 +1,6 @@
-"""The recipes as processes: --help never starts work, a busy default port does not stop a run,
-and stopping a recipe stops its training workers."""
+"""The recipes as processes: --help never starts work, stopping a recipe stops its training
+workers, a finished seed is skipped and an interrupted one resumed. (A busy default port:
+tests/test_train.py, the two-process run.)"""
 
 import contextlib
 import json
@@ -40,39 +41,23 @@ def tiny_pretraining(tmp_path: Path, steps: int | None = None) -> list[str]:
                                      ["train.max_epochs=1000000", "train.patience=0"])
 
 
-def test_pretrain_runs_while_the_default_port_is_taken(tmp_path):
-    """A second job on the machine holds the launcher's default port 29500 (before: EADDRINUSE
-    after 1.5 minutes); the recipe picks a free one."""
-    with socket.socket() as busy:
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            busy.bind(("127.0.0.1", 29500))
-        except OSError:
-            pytest.skip("port 29500 is in use here already")
-        busy.listen()
-        result = subprocess.run(tiny_pretraining(tmp_path, steps=2), cwd=REPO, env=ENV,
-                                capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "run" / "test_metrics.txt").is_file()
-
-
 def workers(marker: str) -> list[str]:
     ps = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in ps.splitlines() if marker in line
             and ("-m kgqa.train" in line or "-m hitter_core.train" in line)]
 
 
-def qa_forever(tmp_path: Path) -> list[str]:
+def qa_forever(tmp_path: Path, lm: str) -> list[str]:
     return ["bash", "recipes/finetune_qa.sh", "--preset", "qa-webqsp-minilm-cpu",
             "--kg-checkpoint", "none", "--out", str(tmp_path / "run"), "--",
-            "train.max_train_examples=16", "train.epochs=500",
+            "train.max_train_examples=16", "train.epochs=500", f"model.lm={lm}",
             f"train.cache_dir={tmp_path / 'cache'}"]
 
 
-def kg_gain_forever(tmp_path: Path) -> list[str]:
+def kg_gain_forever(tmp_path: Path, lm: str) -> list[str]:
     return ["bash", "recipes/kg_gain.sh", "--rows", "lm", "--seeds", "2", "--out",
             str(tmp_path / "run"), "--", "train.max_train_examples=16", "train.epochs=500",
-            f"train.cache_dir={tmp_path / 'cache'}"]
+            f"model.lm={lm}", f"train.cache_dir={tmp_path / 'cache'}"]
 
 
 @pytest.mark.realdata
@@ -83,11 +68,12 @@ def kg_gain_forever(tmp_path: Path) -> list[str]:
     ("kg_gain.sh", signal.SIGTERM),
     ("kg_gain.sh", signal.SIGKILL),  # xargs would start the next run: it stops at once too
 ])
-def test_stopping_the_recipe_stops_its_workers(tmp_path, data_root, recipe, sig):
+def test_stopping_the_recipe_stops_its_workers(tmp_path, data_root, tiny_lm, recipe, sig):
     """SIGTERM or SIGKILL to the recipe while its worker trains: no worker is left running
     (before: the worker ran on to the end, an orphan that a --resume would collide with)."""
-    command = {"finetune_qa.sh": qa_forever, "pretrain_kg.sh": tiny_pretraining,
-               "kg_gain.sh": kg_gain_forever}[recipe](tmp_path)
+    command = (tiny_pretraining(tmp_path) if recipe == "pretrain_kg.sh" else
+               {"finetune_qa.sh": qa_forever, "kg_gain.sh": kg_gain_forever}[recipe](
+                   tmp_path, tiny_lm))
     marker = str(tmp_path / "run")
     recipe = subprocess.Popen(
         command, cwd=REPO, env={**ENV, "KGQA_DATA_DIR": str(data_root)},
@@ -115,7 +101,7 @@ def test_a_process_stops_when_its_recipe_is_gone():
     within seconds; an entry for another host is not watched."""
     recipe = subprocess.Popen(["sleep", "600"])
     env = {**ENV, "HITTER_RECIPE_PIDS": f"{recipe.pid}@{socket.gethostname()},1@elsewhere"}
-    code = ("import time; from hitter_core.cli import stop_with_recipe; "
+    code = ("import time; from hitter_core.runtime import stop_with_recipe; "
             "stop_with_recipe(interval=0.1); print('watching', flush=True); time.sleep(60)")
     worker = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -134,7 +120,8 @@ def test_a_process_stops_when_its_recipe_is_gone():
 
 
 @pytest.mark.realdata
-def test_finetune_skips_finished_seeds_and_resumes_an_interrupted_one(tmp_path, data_root):
+def test_finetune_skips_finished_seeds_and_resumes_an_interrupted_one(tmp_path, data_root,
+                                                                      tiny_lm):
     """finetune_qa.sh --seeds 2 after seed 333 finished and seed 334 was killed (SIGKILL in its
     second epoch): 333 is not retrained, 334 continues from its last/ to the end."""
     out = tmp_path / "run"
@@ -146,7 +133,7 @@ def test_finetune_skips_finished_seeds_and_resumes_an_interrupted_one(tmp_path, 
             ["bash", "recipes/finetune_qa.sh", "--preset", "qa-webqsp-minilm-cpu",
              "--kg-checkpoint", "none", "--seeds", str(seeds), "--out", str(out), "--",
              "train.max_train_examples=16", "train.max_eval_examples=8", "train.epochs=3",
-             f"train.cache_dir={tmp_path / 'cache'}"],
+             f"model.lm={tiny_lm}", f"train.cache_dir={tmp_path / 'cache'}"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     assert recipe(1).returncode == 0

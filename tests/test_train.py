@@ -4,6 +4,7 @@ real FB15K-237 sub-graph, resume after a crash, and two data-parallel CPU proces
 The first DeepSpeed process group on a machine JIT-builds DeepSpeed's CPU communication op
 into $TORCH_EXTENSIONS_DIR (~1-2 min, once; a different ``ninja`` on PATH rebuilds it)."""
 
+import contextlib
 import copy
 import json
 import logging
@@ -20,16 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from hitter_core.batches import compute_loss, epoch_shard, make_batch
-from hitter_core.checkpoint import TRAINER_STATE, CorruptCheckpoint, TrainState
+from hitter_core.checkpoint import CorruptCheckpoint, TrainState
 from hitter_core.config import HittERConfig, load_config
 from hitter_core.data import KnowledgeGraph
-from hitter_core.distributed import (
-    StaleBuildLock,
-    check_build_locks,
-    extensions_dir,
-    initialize_engine,
-    resolve_ds_config,
-)
+from hitter_core.distributed import initialize_engine, resolve_ds_config
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex, ground_truth_token
 from hitter_core.optim import (
@@ -38,6 +33,7 @@ from hitter_core.optim import (
     linear_schedule,
 )
 from hitter_core.ranking import FilterIndex, ranking_metrics, realistic_rank
+from hitter_core.runtime import StaleBuildLock, check_build_locks, extensions_dir
 from hitter_core.sections import RUN_CONFIG_NAME, ConfigError
 from hitter_core.train import Trainer, train
 
@@ -288,6 +284,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def last_checkpoint(run: Path) -> dict:
+    """What process 0 wrote to ``run/last`` (DeepSpeed's engine checkpoint): the weights
+    (``module``), optimizer and schedule states, and the trainer's client state."""
+    return torch.load(run / "last" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
@@ -336,7 +338,7 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
     with pytest.raises(Crash):
         run_b.fit(on_step=crash)
     saved_config = (tmp_path / "b" / RUN_CONFIG_NAME).read_text()
-    with pytest.raises(FileExistsError, match="holds a checkpoint; pass --resume to continue it, "
+    with pytest.raises(FileExistsError, match="holds a run .*; pass --resume to continue it, "
                                               "--overwrite to replace it"):
         Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg)  # never overwrite silently
     with pytest.raises(ConfigError, match="train.lr: 0.01 saved, 0.02 now"):  # same run only
@@ -355,7 +357,7 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
         assert resumed.state == run_a.state
     else:  # the same steps and validations; MRRs within float noise
         assert resumed.state.step == run_a.state.step
-        assert resumed.state.best_mrr == pytest.approx(run_a.state.best_mrr, abs=1e-3)
+        assert resumed.state.best == pytest.approx(run_a.state.best, abs=1e-3)
     assert_same_state(optimizer_state(resumed), optimizer_state(run_a))
     for name, value in resumed.model.state_dict().items():
         assert same(value, run_a.model.state_dict()[name]), name
@@ -363,10 +365,10 @@ def test_resume_after_crash_continues_exactly(tmp_path, one_thread, device):
     # The crashed run's record of step 9 was dropped before the step was redone.
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 16))
     assert [r["step"] for r in records if "valid_mrr" in r] == [5, 10, 15]
-    saved = torch.load(tmp_path / "b" / "last" / TRAINER_STATE, weights_only=True)
-    assert TrainState(**saved["state"]).step == run_a.state.step
+    saved = last_checkpoint(tmp_path / "b")
+    assert TrainState.from_dict(saved["state"]).step == run_a.state.step
     if device == "cpu":
-        assert TrainState(**saved["state"]) == run_a.state
+        assert TrainState.from_dict(saved["state"]) == run_a.state
     fresh = Trainer(*configs(kg, tmp_path / "b", *overrides), kg=kg, overwrite=True)
     assert fresh.state.step == 0 and not (tmp_path / "b" / "best").exists()
 
@@ -386,14 +388,13 @@ def test_validation_keeps_best_and_stops_early(tmp_path, one_thread):
 
     trainer._evaluate = fake_evaluate
     state = trainer.fit()
-    assert (state.step, state.best_step, state.best_mrr) == (20, 10, 0.3)
-    assert state.stopped_early and state.bad_validations == 2
+    assert (state.step, state.best_at, state.best) == (20, 10, 0.3)
+    assert state.stopped and state.since_best == 2
     assert sorted(weights_at) == [5, 10, 15, 20]
     best = HittER.from_pretrained(tmp_path / "run" / "best")
     assert torch.equal(best.entity_embeddings.weight, weights_at[10])
     assert json.loads((tmp_path / "run" / "best" / "valid_metrics.json").read_text())["step"] == 10
-    saved = torch.load(tmp_path / "run" / "last" / TRAINER_STATE, weights_only=True)
-    assert TrainState(**saved["state"]) == state
+    assert TrainState.from_dict(last_checkpoint(tmp_path / "run")["state"]) == state
 
 
 def test_a_failing_compiled_step_is_redone_eager(tmp_path, one_thread, monkeypatch, caplog):
@@ -431,7 +432,7 @@ def test_patience_zero_never_stops(tmp_path, one_thread):
     mrrs = iter([0.3, 0.2, 0.1, 0.0])
     trainer._evaluate = lambda model, split: {"both": {"mrr": next(mrrs)}}
     state = trainer.fit()
-    assert (state.step, state.best_step, state.stopped_early) == (20, 5, False)
+    assert (state.step, state.best_at, state.stopped) == (20, 5, False)
     # Time to quality: each validation records the training time so far, validation excluded.
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     seconds = [r["train_seconds"] for r in records if "valid_mrr" in r]
@@ -487,7 +488,9 @@ def test_overfits_real_subgraph(fb15k237, tmp_path, one_thread):
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_two_cpu_processes_train_data_parallel(tmp_path, launcher):
     """recipes/pretrain_kg.sh --nproc 2 trains a tiny run data-parallel on 2 CPU processes,
-    through the DeepSpeed launcher and through torchrun."""
+    through the DeepSpeed launcher and through torchrun. The launcher's default port 29500 is
+    held meanwhile, as a second job on the machine would (before: EADDRINUSE after 1.5
+    minutes): the recipe picks a free one."""
     kg = synthetic_kg(tmp_path, num_triples=64)
     write_kg(kg, tmp_path / "data" / "tiny")
     out = tmp_path / "run"
@@ -497,9 +500,15 @@ def test_two_cpu_processes_train_data_parallel(tmp_path, launcher):
            "--data-dir", str(tmp_path / "data"), "--output-dir", str(out), *TINY,
            "model.dataset=tiny", "model.num_entities=16", "model.num_relations=3",
            "train.batch_size=8", "train.max_epochs=2", "train.validate_every=1"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # already taken here: busy all the same
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    saved = torch.load(out / "last" / TRAINER_STATE, weights_only=True)
+    saved = last_checkpoint(out)
     assert saved["layout"] == {"world_size": 2, "batch_size": 8, "steps_per_epoch": 4}
     assert saved["state"]["step"] == 8
     assert "MRR" in (out / "test_metrics.txt").read_text()
@@ -522,14 +531,15 @@ def test_stale_deepspeed_build_lock_is_reported(tmp_path, monkeypatch, caplog):
 
 
 def test_resume_survives_damaged_files(tmp_path, one_thread, caplog):
-    """A truncated trainer_state.pt in last/ falls back to last.old (or names the directory);
+    """A truncated engine checkpoint in last/ falls back to last.old (or names the directory);
     a torn last line of metrics.jsonl (a crash while appending) is dropped."""
     kg = synthetic_kg(tmp_path)
     overrides = ("train.batch_size=8", "train.max_epochs=2", "train.validate_every=1")
     Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg).fit()
     last = tmp_path / "r" / "last"
     shutil.copytree(last, tmp_path / "r" / "last.old")  # as a crash in replace_dir leaves it
-    (last / TRAINER_STATE).write_bytes((last / TRAINER_STATE).read_bytes()[:100])
+    states = last / "state" / "mp_rank_00_model_states.pt"  # DeepSpeed's file
+    states.write_bytes(states.read_bytes()[:100])
     with (tmp_path / "r" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 11, "lo')
     with caplog.at_level(logging.WARNING):
@@ -540,6 +550,19 @@ def test_resume_survives_damaged_files(tmp_path, one_thread, caplog):
         json.loads(line)
     shutil.rmtree(tmp_path / "r" / "last.old")
     with pytest.raises(CorruptCheckpoint, match="last: unreadable checkpoint"):
+        Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg, resume=True)
+
+
+def test_a_last_checkpoint_of_an_earlier_version_is_named(tmp_path, one_thread):
+    """last/ as written before both stages shared one layout (save_pretrained weights +
+    trainer_state.pt, no engine checkpoint): --resume stops with one line that says so."""
+    kg = synthetic_kg(tmp_path)
+    overrides = ("train.batch_size=8", "train.max_epochs=1")
+    Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg).fit()
+    last = tmp_path / "r" / "last"
+    shutil.rmtree(last / "state")
+    (last / "trainer_state.pt").write_bytes(b"old")
+    with pytest.raises(CorruptCheckpoint, match="last: not a checkpoint of this version"):
         Trainer(*configs(kg, tmp_path / "r", *overrides), kg=kg, resume=True)
 
 

@@ -56,7 +56,7 @@ if [[ ! -f $out/data.tar.xz ]]; then
     fb15k-237/{train,valid,test}.txt fb15k-237/entity_names.tsv \
     wn18rr/{train,valid,test}.txt \
     webqsp/WebQSP.{train,test}.json webqsp/hitter_format \
-    | xz -6 -T1 > "$out/data.tar.xz.tmp"
+    | xz -3 -T2 > "$out/data.tar.xz.tmp"  # 4.6 MB in 3 s (-6 -T1: 3.9 MB in 20 s)
   mv "$out/data.tar.xz.tmp" "$out/data.tar.xz"
 fi
 
