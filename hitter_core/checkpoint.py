@@ -27,7 +27,8 @@ from hitter_core.model_card import hitter_card
 from hitter_core.run_dir import CorruptCheckpoint, RunState, write_dir_atomically
 from hitter_core.sections import RUN_CONFIG_NAME
 
-OUTPUTS = ("test_metrics.json", "test_metrics.txt")  # run_dir.RUN_FILES + these: one run
+TEST_METRICS = "test_metrics.json"  # written last: the run finished
+OUTPUTS = (TEST_METRICS, "test_metrics.txt")  # run_dir.RUN_FILES + these: one run
 __all__ = ["CorruptCheckpoint", "TrainState", "OUTPUTS", "save_checkpoint", "load_hitter"]
 
 
@@ -65,7 +66,7 @@ def write_test_metrics(output_dir: Path, best: Path, metrics: dict[str, Any], ta
                        train_config: TrainConfig) -> None:
     """``test_metrics.json`` / ``test_metrics.txt`` (the printed ``table``) in ``output_dir``,
     and the test figures in the model card of ``best``."""
-    (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / TEST_METRICS).write_text(json.dumps(metrics, indent=2))
     (output_dir / "test_metrics.txt").write_text(table + "\n")
     config = HittER.config_class.from_pretrained(best)
     hitter_card(best, config, train_config, {**metrics, "split": "test"}, metrics["best_step"])
@@ -103,7 +104,7 @@ def hitter_identity(path: str | os.PathLike) -> dict[str, Any]:
     if (valid := path / "valid_metrics.json").is_file():
         metrics = json.loads(valid.read_text())
         identity |= {"step": metrics.get("step"), "valid_mrr": metrics["both"]["mrr"]}
-    if (test := path.parent / "test_metrics.json").is_file():
+    if (test := path.parent / TEST_METRICS).is_file():
         metrics = json.loads(test.read_text())
         if Path(metrics.get("checkpoint", "")).name == path.name:
             identity["test_mrr"] = metrics["both"]["mrr"]

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from hitter_core.batches import compute_loss, epoch_shard, make_batch, step_seed
 from hitter_core.checkpoint import (
     OUTPUTS,
+    TEST_METRICS,
     LogWindow,
     TrainState,
     save_checkpoint,
@@ -333,7 +334,7 @@ def train(
     ``state`` and ``output_dir`` hold the outcome. ``kg`` defaults to the configured dataset.
     With ``resume``, a run that finished (its test_metrics.json exists) is left as it is
     (None), as in stage 2."""
-    if resume and not overwrite and finished_run(train_config.output_dir, "test_metrics.json"):
+    if resume and not overwrite and finished_run(train_config.output_dir, TEST_METRICS):
         return None
     trainer = Trainer(model_config, train_config, kg=kg, ds_config=ds_config, resume=resume,
                       overwrite=overwrite)

@@ -20,8 +20,7 @@ import torch
 from hitter_core.run_dir import RunState
 from kgqa.report import METRICS_FILE, PREDICTIONS_FILE
 
-OUTPUTS = (PREDICTIONS_FILE, METRICS_FILE)  # run_dir.RUN_FILES + these: one run
-FINISHED = METRICS_FILE  # written last
+OUTPUTS = (PREDICTIONS_FILE, METRICS_FILE)  # run_dir.RUN_FILES + these; METRICS_FILE last
 
 
 @dataclass

@@ -60,7 +60,7 @@ from hitter_core.run_dir import MetricsLogger, RunDir, finished_run
 from hitter_core.runtime import crash_point
 from hitter_core.sections import load_sections
 from kgqa.batches import MODEL_COLUMNS, ClozeCollator, compute_loss
-from kgqa.checkpoint import FINISHED, OUTPUTS, QATrainState, restore_rng_states, rng_states
+from kgqa.checkpoint import OUTPUTS, QATrainState, restore_rng_states, rng_states
 from kgqa.config import QA_SCHEMA, KGQAConfig, QATrainConfig
 from kgqa.data import answer_is_neighbour
 from kgqa.evaluate import (
@@ -337,7 +337,7 @@ def train(
 ) -> Trainer | None:
     """Fine-tune (``Trainer.fit``) and test the best checkpoint; returns the trainer. With
     ``resume``, a run that finished (its metrics.json exists) is left as it is (None)."""
-    if resume and not overwrite and finished_run(train_config.output_dir, FINISHED):
+    if resume and not overwrite and finished_run(train_config.output_dir, METRICS_FILE):
         return None
     trainer = Trainer(model_config, train_config, ds_config=ds_config, resume=resume,
                       overwrite=overwrite)
