@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Keep finished QA runs (kgqa.train output directories) in bench/results: metrics.json,
-# run_config.yaml and the test predictions gzipped (gzip -9n, byte-stable), which
+# run_config.yaml and the test predictions gzipped (gzip -9n, byte-stable; the user setting's
+# summary and answers too where kgqa.evaluate user ran), which
 # `python -m kgqa.evaluate report` and bench/qa_ceilings.py read as they are. Checkpoints and
 # logs stay behind. A run under runs/ lands at the same path under bench/results/:
 #
@@ -19,5 +20,9 @@ for run in "$@"; do
   mkdir -p "$target"
   cp "$run/metrics.json" "$run/run_config.yaml" "$target/"
   gzip -9n <"$run/predictions.test.jsonl" >"$target/predictions.test.jsonl.gz"
+  if [[ -f $run/user_setting.test.json ]]; then  # kgqa.evaluate user's summary and answers
+    cp "$run/user_setting.test.json" "$target/"
+    gzip -9n <"$run/predictions.user.test.jsonl" >"$target/predictions.user.test.jsonl.gz"
+  fi
   echo "kept: $target"
 done

@@ -1,31 +1,37 @@
 """Ask a fine-tuned QA model a question, and see the knowledge-graph evidence it used.
 
-    python -m kgqa.ask MODEL_DIR "who was vice president after kennedy died?" \\
-        [--topic "John F. Kennedy"] [--max-masks 4] [--top-k 5]
+    python -m kgqa.ask MODEL_DIR "what is the capital of somalia?" [--topic "Somalia"] \\
+        [--max-masks 4] [--top-k 5] [-v]
     python -m kgqa.ask MODEL_DIR --interactive      # one question a line; "question || topic"
 
-MODEL_DIR is a QA model saved by ``kgqa.train`` (its ``best/``). The question becomes the cloze
-``question [MASK] ... [MASK].`` as in training; a user does not know the answer's length, so
-every number of [MASK] tokens from 1 to ``--max-masks`` is tried, each read greedily (the top
-word piece at every mask), and the answer with the highest **mean log-probability per mask**
-wins (a plain sum would favour one-piece answers). The other lengths' answers are printed as
-alternatives, with the top pieces of a one-mask answer.
+MODEL_DIR is a QA model saved by ``kgqa.train`` (a run's ``best/``). A user knows neither the
+topic entity nor the answer's length, which the benchmark protocol hands the model:
 
-The topic entity (whose neighbourhood HittER encodes) is ``--topic`` (an identifier or a name of
-the graph), else the longest entity name found in the question (case-insensitive word match;
-several entities of that name: the one with the most neighbours), and the output says which
-entity was used. The evidence is the reader's (:meth:`kgqa.readers.base.KGReader.explain`): for
-the copy head, its pointer weights over the topic's neighbours and its gate; for the link head,
-the relations of the topic it asked HittER about, and its weight; for cross-attention adapters,
-their attention from the [MASK] positions, averaged over heads, masks and adapter layers. A
-model without HittER has no evidence to show.
+* **The topic** (whose neighbourhood HittER encodes) is ``--topic`` (an identifier or a name of
+  the graph), else the one :mod:`kgqa.linker` finds in the question (aliases, how specific the
+  words are, the relations the question asks about); when it is unsure the candidates are
+  printed.
+* **The answer.** The question becomes the cloze ``question [MASK] ... [MASK].`` with 1 to
+  ``--max-masks`` masks, all in one batch. A model that reads a KG answers with an entity of
+  the graph: every entity name is scored at its own piece count by the mean log-probability of
+  its pieces under the model (LM and reader), and the best wins, with the triple that links it
+  to the topic if there is one (:class:`EntityNames`). Free text (each mask's top piece, the
+  best mean log-probability per mask over the lengths) only where no name reaches
+  :data:`MIN_ENTITY_P` per piece, and then the output says so; a plain LM answers in free text.
+
+The evidence is the reader's (:meth:`kgqa.readers.base.KGReader.explain`), at the answer's
+length: for the copy head, its pointer weights over the topic's neighbours and its gate; for the
+link head, the relations of the topic it asked HittER about, and its weight; for cross-attention
+adapters, their attention from the [MASK] positions, averaged over heads, masks and adapter
+layers. Data-loading notes only with ``-v``. ``python -m kgqa.evaluate user RUN_DIR`` answers a
+test split this way (:mod:`kgqa.user_setting`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,47 +40,97 @@ from typing import Any
 
 import datasets
 import torch
+import transformers
 
 from hitter_core.cli import run_cli
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.predict import AmbiguousName, find_entity
 from kgqa.batches import make_batch
 from kgqa.data import QAExample
+from kgqa.linker import TopicLinker, load_linker
 from kgqa.model import KGEnhancedLM, load_qa_model
 from kgqa.readers.adapters import CrossAttentionAdapter
 from kgqa.readers.base import Fact
+from kgqa.readers.names import name_pieces
 
-MAX_NAME_WORDS = 8  # longest entity name looked for in a question
+# A name's score: the sum of its pieces' log-probabilities / pieces ** LENGTH_ALPHA. The joint
+# (0) beat the mean per piece (1; .75, .5, .25 between) on WebQSP filtered dev with the main
+# job's link-head model: 43.4 against 40.4% (99 questions; a wrong length is most errors).
+LENGTH_ALPHA = 0.0
+MIN_ENTITY_P = 0.05  # an entity answer needs this mean probability per piece, else free text
 
 
 @dataclass
 class Answer:
     text: str
     masks: int
-    score: float  # mean log-probability per mask
+    score: float  # free text: mean log-probability per mask; an entity: its name's score
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # (text, score)
     topic: str | None = None  # "name (identifier)", or None
     evidence: list[Fact] = field(default_factory=list)  # what the reader weighed most
     gate: float | None = None  # the reader's gate (the copy head's lam, the link head's beta)
     gate_name: str | None = None
     read: str = ""  # what the evidence lists
+    entity: str | None = None  # "name (identifier)" of an entity answer; None: free text
+    fact: str | None = None  # a train triple linking the topic and the answer entity
+    free_text: str | None = None  # why the answer is free text, when the model reads a KG
 
 
-def link_topic(question: str, kg: KnowledgeGraph, degrees: torch.Tensor | None = None) -> int:
-    """The entity whose name is the longest word sequence of ``question`` (case-insensitive;
-    longest in words, then in letters: generic words are short); entities of one name go to
-    the one with the most neighbours. -1: none. A simple linker: ``--topic`` overrides it."""
-    words = re.findall(r"[\w'.&-]+", question.casefold())
-    by_name: dict[str, list[int]] = {}
-    for i, name in enumerate(kg.entity_names):
-        by_name.setdefault(name.casefold(), []).append(i)
-    for n in range(min(MAX_NAME_WORDS, len(words)), 0, -1):
-        spans = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
-        found = sorted((s for s in spans if s in by_name), key=len, reverse=True)
-        if found:
-            ids = by_name[found[0]]
-            return max(ids, key=lambda e: int(degrees[e]) if degrees is not None else 0)
-    return -1
+class EntityNames:
+    """Every entity name of the graph as the model's word pieces, grouped by piece count, to
+    score whole names at once (:meth:`best`)."""
+
+    def __init__(self, kg: KnowledgeGraph, tokenizer: Any, max_masks: int) -> None:
+        pieces = name_pieces(kg.entity_names, tokenizer)
+        self.kg = kg
+        self.degree = torch.bincount(kg.train[:, [0, 2]].flatten(), minlength=kg.num_entities)
+        self.pieces = pieces
+        self.length_alpha = LENGTH_ALPHA
+        self.by_length = {}  # n -> ((C_n,) entity ids, (C_n, n) their pieces)
+        for n in range(1, max_masks + 1):
+            ids = [e for e, p in enumerate(pieces) if len(p) == n]
+            if ids:
+                self.by_length[n] = (torch.tensor(ids), torch.tensor([pieces[e] for e in ids]))
+
+    def best(self, log_probs: dict[int, torch.Tensor], topic: int, k: int
+             ) -> list[tuple[int, float]]:
+        """The ``k`` best (entity, score: :data:`LENGTH_ALPHA`) under ``log_probs[n]``
+        (n, V), the model's output with n masks; names spelt alike: the one linked to the
+        topic, else the one with the most train triples."""
+        scored = []
+        for n, logp in log_probs.items():
+            if n not in self.by_length:
+                continue
+            ids, pieces = self.by_length[n]
+            score = logp.gather(1, pieces.T).sum(0) / n ** self.length_alpha  # (C_n,)
+            top = score.topk(min(4 * k, len(ids)))
+            scored += [(int(ids[i]), float(v)) for v, i in zip(top.values, top.indices,
+                                                                   strict=True)]
+        linked = set(self.neighbours(topic)) if topic >= 0 else set()
+        scored.sort(key=lambda c: (-round(c[1], 5), c[0] not in linked, -int(self.degree[c[0]])))
+        out, names = [], set()
+        for e, v in scored:
+            if self.kg.entity_names[e].casefold() not in names:
+                names.add(self.kg.entity_names[e].casefold())
+                out.append((e, v))
+        return out[:k]
+
+    def pieces_of(self, entity: int) -> list[int]:
+        return self.pieces[entity]
+
+    def neighbours(self, entity: int) -> list[int]:
+        h, t = self.kg.train[:, 0], self.kg.train[:, 2]
+        return torch.cat([t[h == entity], h[t == entity]]).tolist()
+
+    def fact(self, topic: int, answer: int) -> str | None:
+        """A train triple between ``topic`` and ``answer`` (either direction), as names."""
+        h, r, t = self.kg.train.T
+        hit = ((h == topic) & (t == answer)) | ((h == answer) & (t == topic))
+        if topic < 0 or not bool(hit.any()):
+            return None
+        a, rel, b = self.kg.train[hit.nonzero()[0, 0]].tolist()
+        names = self.kg.entity_names
+        return f"({names[a]}, {self.kg.relations[rel]}, {names[b]})"
 
 
 def run_with_attention(model: KGEnhancedLM, batch: dict) -> tuple[Any, torch.Tensor | None]:
@@ -95,37 +151,51 @@ def run_with_attention(model: KGEnhancedLM, batch: dict) -> tuple[Any, torch.Ten
 
 @torch.no_grad()
 def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, question: str,
-        topic: int = -1, max_masks: int = 4, top_k: int = 5) -> Answer:
+        topic: int = -1, max_masks: int = 4, top_k: int = 5,
+        names: EntityNames | None = None, min_entity_p: float = MIN_ENTITY_P) -> Answer:
     """The model's answer to ``question`` about ``topic`` (an entity id, -1: none), with
-    alternatives and evidence (module docstring)."""
-    tried = []
-    for n in range(1, max_masks + 1):
-        example = QAExample("ask", question, topic if topic >= 0 else None, " ".join(["a"] * n),
-                            None)  # the answer only sets the number of masks
-        batch = make_batch([example], tokenizer, neighbours, model.config.max_neighbours)
-        batch.pop("labels")
-        out, weights = run_with_attention(model, batch)
-        logp = out.log_probs.float()  # (n, V)
-        best, pieces = logp.max(-1)  # (n,)
-        tried.append((best.mean().item(), n, pieces, logp, out, batch, weights))
-    score, n, pieces, logp, out, batch, weights = max(tried, key=lambda t: t[0])
+    alternatives and evidence (module docstring); with ``names``, an entity of the graph."""
+    examples = [QAExample("ask", question, topic if topic >= 0 else None, " ".join(["a"] * n),
+                          None) for n in range(1, max_masks + 1)]  # the answer: n masks
+    batch = make_batch(examples, tokenizer, neighbours, model.config.max_neighbours)
+    batch.pop("labels")
+    out, weights = run_with_attention(model, batch)
+    logp = out.log_probs.float().split(torch.bincount(out.rows).tolist())  # n-th: (n, V)
+    greedy = [lp.max(-1) for lp in logp]  # per length: (n,) best log-prob and piece
     decode = tokenizer.decode
-    answer = Answer(decode(pieces), n, score)
-    top = tried[0][3][0].topk(top_k + 1)  # the top pieces at one mask
-    seen = {answer.text}
-    for text, value in [(decode(p), s) for s, m, p, *_ in tried if m != n] + [
-            (decode([i]), v) for v, i in zip(top.values.tolist(), top.indices.tolist(),
-                                             strict=True)]:
-        if text not in seen:
-            seen.add(text)
-            answer.alternatives.append((text, value))
+    texts = [(decode(g.indices), g.values.mean().item(), n + 1) for n, g in enumerate(greedy)]
+    text, score, n = max(texts, key=lambda t: t[1])
+    answer = Answer(text, n, score)
+    if names is not None:
+        ranked = names.best({n + 1: lp for n, lp in enumerate(logp)}, topic, top_k + 1)
+        e, v = ranked[0] if ranked else (-1, 0.0)
+        if ranked and v / len(names.pieces_of(e)) >= math.log(min_entity_p):
+            answer = Answer(names.kg.entity_names[e].casefold(), len(names.pieces_of(e)), v,
+                            entity=f"{names.kg.entity_names[e]} ({names.kg.entities[e]})",
+                            fact=names.fact(topic, e))
+            answer.alternatives = [(f"{names.kg.entity_names[a]}", w) for a, w in ranked[1:]]
+        else:
+            answer.free_text = (f"no entity name reaches p {min_entity_p} per piece"
+                                if ranked else "no entity name has at most "
+                                f"{max_masks} pieces")
+    if not answer.alternatives:
+        seen = {answer.text}
+        top = logp[0][0].topk(top_k + 1)  # the top pieces at one mask
+        for alt, value in [(t, v) for t, v, m in texts if m != n] + [
+                (decode([i]), v) for v, i in zip(top.values.tolist(), top.indices.tolist(),
+                                                 strict=True)]:
+            if alt not in seen:
+                seen.add(alt)
+                answer.alternatives.append((alt, value))
     if topic < 0 or kg is None or model.hitter is None:
         return answer
     answer.topic = f"{kg.entity_names[topic]} ({kg.entities[topic]})"
-    if weights is not None:  # (1, L, T) -> (T,): the adapters' attention from the masks
-        weights = weights[0][batch["input_ids"][0] == model.mask_token_id].mean(0)
-    explained = model.head.explain(out.kg_evidence or {}, batch, kg, top_k,
-                                   adapter_weights=weights)
+    row = answer.masks - 1  # the evidence of the answer's own length
+    one = {k: v[row : row + 1] for k, v in batch.items()}
+    if weights is not None:  # (B, L, T) -> (T,): the adapters' attention from the masks
+        weights = weights[row][one["input_ids"][0] == model.mask_token_id].mean(0)
+    evidence = {k: v[row : row + 1] for k, v in (out.kg_evidence or {}).items()}
+    explained = model.head.explain(evidence, one, kg, top_k, adapter_weights=weights)
     if explained is not None:
         answer.read, answer.evidence = explained.read, explained.facts
         answer.gate, answer.gate_name = explained.gate, explained.gate_name
@@ -133,8 +203,15 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
 
 
 def format_answer(answer: Answer) -> str:
-    lines = [f"answer: {answer.text}   ({answer.masks} mask(s), mean log-prob "
-             f"{answer.score:.2f}, p {math.exp(answer.score):.2f} per mask)"]
+    if answer.entity is not None:
+        p = math.exp(answer.score)
+        lines = [f"answer: {answer.entity}   ({answer.masks} piece(s), p {p:.2f})"]
+        if answer.fact:
+            lines.append(f"fact: {answer.fact}")
+    else:
+        note = f"; free text: {answer.free_text}" if answer.free_text else ""
+        lines = [f"answer: {answer.text}   ({answer.masks} mask(s), mean log-prob "
+                 f"{answer.score:.2f}, p {math.exp(answer.score):.2f} per mask{note})"]
     if answer.alternatives:
         lines.append("alternatives: " + "; ".join(f"{t} ({s:.2f})"
                                                   for t, s in answer.alternatives))
@@ -146,10 +223,31 @@ def format_answer(answer: Answer) -> str:
     return "\n".join(lines)
 
 
+def load_for_asking(model_dir: str | Path, data_dir: Path | None, max_masks: int
+                    ) -> tuple[KGEnhancedLM, Any, Any, KnowledgeGraph | None,
+                               TopicLinker | None, EntityNames | None]:
+    """The model, tokenizer and neighbour index; for a model that reads a KG, the graph, its
+    topic linker and its entity names. A directory that is not a saved model: one line."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        hint = next((str(p.parent) for p in sorted(model_dir.glob("**/best/config.json"))), None)
+        raise FileNotFoundError(f"{model_dir}: not a QA model directory (no config.json); "
+                                + (f"pass {hint}" if hint else "pass a run's best/ directory"
+                                   " (e.g. runs/.../seed333/best)"))
+    datasets.disable_progress_bars()  # one-question datasets: no bars
+    model, tokenizer, neighbours = load_qa_model(model_dir, data_dir)
+    if model.config.kg_config is None:
+        return model, tokenizer, neighbours, None, None, None
+    data_dir = data_dir or default_data_dir()
+    kg = load_kg(data_dir / model.config.kg_config["dataset"])
+    return (model, tokenizer, neighbours, kg, load_linker(data_dir, kg),
+            EntityNames(kg, tokenizer, max_masks))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kgqa.ask",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", help="a QA model directory (kgqa.train's best/)")
+    parser.add_argument("model_dir", help="a QA model directory (a run's best/)")
     parser.add_argument("question", nargs="?", help="the question (or --interactive)")
     parser.add_argument("--topic", help="topic entity: identifier or name (default: linked)")
     parser.add_argument("--max-masks", type=int, default=4)
@@ -158,24 +256,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help='read questions from stdin, one a line ("question || topic")')
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data root (default $KGQA_DATA_DIR)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show data-loading notes")
     args = parser.parse_args(argv)
     if not args.interactive and not args.question:
         parser.error("give a question, or --interactive")
-    if not (Path(args.model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model_dir}: not a QA model directory (no config.json)")
-    datasets.disable_progress_bars()  # one-question datasets: no bars
-    model, tokenizer, neighbours = load_qa_model(args.model_dir, args.data_dir)
-    kg = None
-    if model.config.kg_config is not None:
-        kg = load_kg((args.data_dir or default_data_dir()) / model.config.kg_config["dataset"])
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    model, tokenizer, neighbours, kg, linker, names = load_for_asking(
+        args.model_dir, args.data_dir, args.max_masks)
 
     def answer_one(question: str, topic_text: str | None) -> None:
         topic = -1
-        if kg is not None:
-            topic = find_entity(kg, topic_text) if topic_text else link_topic(
-                question, kg, neighbours.degrees() if neighbours is not None else None)
+        if kg is not None and topic_text:
+            topic = find_entity(kg, topic_text)
+        elif linker is not None:
+            link = linker.link(question)
+            topic = link.entity
+            if link.ambiguous:
+                print("topic candidates: " + "; ".join(
+                    f"{kg.entity_names[e]} ({kg.entities[e]}) {p:.2f}"
+                    for e, p, _ in link.candidates) + ' (name one with "|| topic")')
         print(format_answer(ask(model, tokenizer, kg, neighbours, question, topic,
-                                args.max_masks, args.top_k)), flush=True)
+                                args.max_masks, args.top_k, names)), flush=True)
 
     if not args.interactive:
         answer_one(args.question, args.topic)

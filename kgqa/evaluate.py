@@ -9,12 +9,16 @@
   is right.
 * Report (``python -m kgqa.evaluate report RUN_DIR... --out DIR``, :mod:`kgqa.report`): the
   runs' test accuracy in the form of paper Table 6, mean ± sample std over seeds.
+* User setting (``python -m kgqa.evaluate user RUN_DIR...``, :mod:`kgqa.user_setting`): the
+  test questions answered as ``kgqa.ask`` answers a user, without the annotated topic and the
+  answer's length, beside the protocol's figure; ``python -m kgqa.evaluate linker``: how often
+  the topic linker finds the annotated topic.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ import torch
 
 from hitter_core.cli import run_cli
 from hitter_core.runtime import crash_point
-from kgqa.report import METRICS_FILE, write_report
+from kgqa.report import METRICS_FILE, write_predictions, write_report
 
 if TYPE_CHECKING:  # the evaluate package takes ~1 s to import: only where a metric is computed
     import evaluate
@@ -108,15 +112,6 @@ def prediction_records(
     ]
 
 
-def write_predictions(records: Iterable[dict[str, Any]], path: str | Path) -> None:
-    """JSON lines, one question each."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kgqa.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,8 +119,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     rep = sub.add_parser("report", help="accuracy table over runs (mean ± std over seeds)")
     rep.add_argument("runs", nargs="+", help="run directories or metrics.json files")
     rep.add_argument("--out", default=None, help="write report.json and report.md here")
+    user = sub.add_parser("user", help="answer a run's test questions as kgqa.ask answers a "
+                          "user: linked topic, unknown answer length, entity answers")
+    user.add_argument("runs", nargs="+", help="finished run directories (holding metrics.json "
+                      "and best/)")
+    user.add_argument("--split", default="test")
+    user.add_argument("--data-dir", type=Path, default=None,
+                      help="data root (default $KGQA_DATA_DIR)")
+    user.add_argument("--max-masks", type=int, default=4)
+    user.add_argument("--min-entity-p", type=float, default=None,
+                      help="mean probability per piece an entity answer needs (default: ask's)")
+    user.add_argument("--names", action="store_true",
+                      help="a plain LM also answers with the graph's entity names")
+    link = sub.add_parser("linker", help="how often the topic linker (kgqa.linker) finds the "
+                          "annotated topic of the QA questions")
+    link.add_argument("--splits", default="dev,test")
+    link.add_argument("--data-dir", type=Path, default=None,
+                      help="data root (default $KGQA_DATA_DIR)")
     args = parser.parse_args(argv)
-    print(write_report(args.runs, args.out))
+    if args.command == "report":
+        print(write_report(args.runs, args.out))
+        return
+    import transformers
+
+    from kgqa.user_setting import format_summary, print_linker_accuracy, user_setting
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if args.command == "linker":
+        print_linker_accuracy(args.data_dir, args.splits.split(","))
+        return
+    for run in args.runs:
+        kwargs = {} if args.min_entity_p is None else {"min_entity_p": args.min_entity_p}
+        summary = user_setting(run, args.data_dir, args.split, args.max_masks, args.names,
+                               **kwargs)
+        print(format_summary(run, summary), flush=True)
 
 
 if __name__ == "__main__":  # a missing run or runs that cannot share a row: one line

@@ -117,17 +117,14 @@ def _prepared_key(data_dir: Path, dev_fraction: float) -> str:
     return h.hexdigest()
 
 
-def load_qa_splits(
+def prepared_dir(
     data_dir: str | Path,
-    dataset: str,
-    variant: str,
     dev_fraction: float = DEV_FRACTION,
     cache_dir: str | Path | None = None,
     kg: KnowledgeGraph | None = None,
-) -> dict[str, list[QAExample]]:
-    """Train / dev / test examples of one dataset and variant from the prepared splits under
-    ``cache_dir`` (default ~/.cache/hitter-kgqa), prepared there first if needed. Raises
-    FileNotFoundError (with the notes of :func:`prepare`) when train or test is missing."""
+) -> Path:
+    """The prepared splits of ``data_dir`` under ``cache_dir`` (default ~/.cache/hitter-kgqa),
+    prepared there first if needed (what is fit on them, the topic linker, is kept there too)."""
     data_dir = Path(data_dir)
     key = _prepared_key(data_dir, dev_fraction)
     out = Path(cache_dir or default_cache_dir()) / "qa-splits" / key[:20]
@@ -139,6 +136,21 @@ def load_qa_splits(
             (tmp / "notes.txt").write_text("".join(f"{m}\n" for m in notes), encoding="utf-8")
 
         write_dir_atomically(out, write)
+    return out
+
+
+def load_qa_splits(
+    data_dir: str | Path,
+    dataset: str,
+    variant: str,
+    dev_fraction: float = DEV_FRACTION,
+    cache_dir: str | Path | None = None,
+    kg: KnowledgeGraph | None = None,
+) -> dict[str, list[QAExample]]:
+    """Train / dev / test examples of one dataset and variant from the prepared splits
+    (:func:`prepared_dir`). Raises FileNotFoundError (with the notes of :func:`prepare`) when
+    train or test is missing."""
+    out = prepared_dir(data_dir, dev_fraction, cache_dir, kg)
     splits = {}
     for split in ("train", "dev", "test"):
         path = prepared_file(out, dataset, variant, split)

@@ -34,6 +34,7 @@ from kgqa.readers import legacy_reader, parse_reader
 
 METRICS_FILE = "metrics.json"  # what kgqa.train writes per run
 PREDICTIONS_FILE = "predictions.test.jsonl"
+USER_FILE = "user_setting.{split}.json"  # kgqa.user_setting's summary of a run's split
 SPLIT_ORDER = ("full", "filtered")
 DATASET_ORDER = ("freebaseqa", "webqsp")  # paper Table 6's column order
 # Paper Table 6 (BERT-base, mean of 5 seeds; HittER co-trained through the paper's adapters).
@@ -143,6 +144,15 @@ def read_predictions(file: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_predictions(records: Iterable[dict[str, Any]], path: str | Path) -> None:
+    """JSON lines, one question each."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def _breakdown(path: str | None) -> dict[str, list[bool]] | None:
     """Correctness per question, split by whether the answer is a neighbour of the topic."""
     if path is None or (file := predictions_file(Path(path).parent)) is None:
@@ -153,6 +163,12 @@ def _breakdown(path: str | None) -> dict[str, list[bool]] | None:
             return None
         out["neighbour" if record["answer_is_neighbour"] else "other"].append(record["correct"])
     return out
+
+
+def _user_setting(path: str | None) -> dict[str, Any] | None:
+    """The run's user-setting summary on test (:mod:`kgqa.user_setting`), if it was run."""
+    file = Path(path).parent / USER_FILE.format(split="test") if path else None
+    return json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else None
 
 
 def build_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -193,6 +209,12 @@ def build_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        "accuracy": statistics.fmean(100.0 * statistics.fmean(p[part])
                                                     for p in parts) if parts[0][part] else None}
                 for part in ("neighbour", "other")}
+        users = [_user_setting(by_seed[s].get("path")) for s in seeds]
+        if all(users):
+            row["user"] = {"accuracy": [100.0 * u["accuracy"] for u in users],
+                           "protocol": [100.0 * u["protocol_accuracy"] for u in users],
+                           "entity_answers": statistics.fmean(u["entity_answers"] for u in users),
+                           "names": users[0]["names"]}
         rows.append(row)
     for row in rows:  # paired gain over the plain LM (same LM, protocol, column)
         base = next((b for b in rows if b["label"] == b["lm"] and b["lm"] == row["lm"]
@@ -274,6 +296,21 @@ def format_markdown(report: dict[str, Any], paper: bool = True) -> str:
                      if b[p]["accuracy"] is not None else "–" for p in ("neighbour", "other")]
             lines.append(f"| {r['label']} | {r['protocol']} | {r['dataset']} {r['split']} | "
                          + " | ".join(parts) + " |")
+    user_rows = [r for r in rows if "user" in r]
+    if user_rows:
+        lines += ["", "User setting (kgqa.evaluate user): the test questions asked as kgqa.ask asks"
+                  " them, topic linked, answer length unknown; beside the protocol's accuracy of "
+                  "the same runs (mean over seeds):", "",
+                  "| model | protocol | column | user setting | cloze protocol | kept | "
+                  "entity answers |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in user_rows:
+            u = r["user"]
+            user, protocol = statistics.fmean(u["accuracy"]), statistics.fmean(u["protocol"])
+            kept = f"{100 * user / protocol:.0f}%" if protocol else "–"
+            lines.append(f"| {r['label']}{' [names]' if u['names'] and r['kg'] == 'none' else ''}"
+                         f" | {r['protocol']} | {r['dataset']} {r['split']} | "
+                         f"{_cell(user, *_mean_std(u['accuracy'])[1:], len(u['accuracy']))} | "
+                         f"{protocol:.1f} | {kept} | {100 * u['entity_answers']:.0f}% |")
     return "\n".join(lines)
 
 

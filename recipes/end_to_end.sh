@@ -5,8 +5,9 @@
 #      (recipes/pretrain_kg.sh), tested with filtered MRR / Hits@k.
 #   2. Factoid QA (paper section 4): WebQSP filtered, MiniLM (the offline test LM) without KG
 #      and with the stage-1 HittER, frozen, read by the link head (recipes/finetune_qa.sh),
-#      one seed each, 20 epochs, the two runs side by side with half the cores each; the test
-#      accuracy table at the end.
+#      one seed each, 20 epochs, the two runs side by side with half the cores each; then the
+#      user setting (kgqa.evaluate user: the test questions asked as kgqa.ask asks them) and the
+#      test accuracy table at the end, with where the model to ask is.
 #
 #   KGQA_DATA_DIR=/path/to/data bash recipes/end_to_end.sh
 #
@@ -29,7 +30,7 @@ export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNA
 # script waits for them (a trap runs at once during `wait`, not after a foreground command).
 trap 'trap - INT TERM; kill 0' INT TERM
 case "${1:-}" in
-  -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
   "") ;;
   *) echo "end_to_end.sh takes no arguments (settings are environment variables; see --help)" >&2
      exit 2 ;;
@@ -77,6 +78,10 @@ for i in "${!pids[@]}"; do
 done
 echo "== stage 2 done after $(elapsed)"
 
+echo "== the user setting: the test questions asked as kgqa.ask asks them (topic linked, answer" \
+  "length unknown, entity answers; $(elapsed) so far)"
+"$PYTHON" -m kgqa.evaluate user "$OUT"/qa/webqsp-filtered-*/seed*/
+
 echo
 echo "== link prediction (stage 1), FB15K-237 test"
 cat "$OUT/hitter/test_metrics.txt"
@@ -85,3 +90,5 @@ echo "== factoid QA (stage 2), WebQSP test accuracy (%), MiniLM; mean ± std ove
 "$PYTHON" -m kgqa.evaluate report "$OUT/qa" --out "$OUT"
 echo
 echo "== total $(elapsed); report in $OUT/report.md, runs in $OUT/"
+echo "== ask the KG model (one question a line with --interactive):"
+echo "   python -m kgqa.ask $OUT/qa/webqsp-filtered-hitter/seed$SEED/best \"what is the capital of somalia?\""

@@ -14,10 +14,11 @@ from hitter_core.config import HittERConfig
 from hitter_core.data import load_kg
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
-from kgqa.ask import ask, link_topic, main
+from kgqa.ask import EntityNames, ask, main
 from kgqa.batches import make_batch
 from kgqa.config import KGQAConfig
 from kgqa.data import QAExample
+from kgqa.linker import load_linker
 from kgqa.model import KGEnhancedLM, build_model
 
 NAMES = ["paris", "france", "berlin", "germany", "rome", "italy", "europe"]
@@ -79,11 +80,26 @@ def test_answers_from_the_kg_with_evidence(trained):
     assert plain.topic is None and not plain.evidence
 
 
-def test_topic_linking(trained):
-    _, _, kg, index, _ = trained
-    assert kg.entity_names[link_topic("what is the capital of Italy?", kg, index.degrees())] == (
-        "italy")
-    assert link_topic("what is the capital of spain?", kg) == -1
+def test_entity_answers_name_the_entity_and_the_fact(trained):
+    """With the graph's names, the answer is a whole entity name at its own piece count, with
+    the triple that links it to the topic; without a likely name it says it is free text."""
+    model, tokenizer, kg, index, _ = trained
+    names = EntityNames(kg, tokenizer, max_masks=3)
+    for question, topic, answer in QUESTIONS:
+        got = ask(model, tokenizer, kg, index, question, kg.entity_names.index(topic),
+                  max_masks=3, names=names)
+        assert (got.text, got.entity) == (answer, f"{answer} ({answer})")
+        assert got.fact == f"({answer}, capital_of, {topic})" and got.free_text is None
+    unlikely = ask(model, tokenizer, kg, index, QUESTION, 1, max_masks=3, names=names,
+                   min_entity_p=1.0)
+    assert unlikely.entity is None and "no entity name" in unlikely.free_text
+
+
+def test_topic_linking_without_qa_data_goes_by_names(trained):
+    _, _, kg, _, root = trained
+    linker = load_linker(root, kg)  # a toy graph: no train questions to fit on
+    assert kg.entity_names[linker.link("what is the capital of Italy?").entity] == "italy"
+    assert linker.link("what is the capital of spain?").entity == -1
 
 
 def test_command_line(trained, capsys):
@@ -91,8 +107,21 @@ def test_command_line(trained, capsys):
     assert main([str(root / "qa"), QUESTION, "--topic", "italy", "--data-dir", str(root),
                  "--max-masks", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("answer: rome") and "topic entity: italy (italy)" in out
-    assert "(rome, capital_of, italy)" in out and "(italy, part_of, europe)" in out
+    assert out.startswith("answer: rome (rome)") and "topic entity: italy (italy)" in out
+    assert "fact: (rome, capital_of, italy)" in out and "(italy, part_of, europe)" in out
+    assert main([str(root / "qa"), "what is the capital of Italy?", "--data-dir", str(root),
+                 "--max-masks", "2"]) == 0
+    assert "topic entity: italy (italy)" in capsys.readouterr().out  # linked
+
+
+def test_a_wrong_model_directory_names_the_one_to_pass(trained, capsys):
+    *_, root = trained
+    from hitter_core.cli import run_cli
+
+    assert run_cli(main, [str(root), QUESTION]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a QA model directory" in err
+    assert f"pass {root / 'qa'}" in err or "best/" in err
 
 
 def test_link_head_evidence_is_the_relations_asked(trained, minilm_path):
