@@ -248,7 +248,8 @@ class TopicLinker:
     def features(self, question: str, posterior: dict[int, float]
                  ) -> tuple[list[Mention], torch.Tensor]:
         """The candidates of ``question`` and their raw features (C, F) (:data:`FEATURES`)."""
-        found = mentions(question, self.aliases)
+        # An entity without train triples has no neighbourhood for HittER to read: never a topic.
+        found = [m for m in mentions(question, self.aliases) if self.degree[m.entity] > 0]
         words = normalise(question).split()
         caps = [any(c.isupper() for c in w)
                 for w in re.sub(r"[^\w\s]", " ", question.replace("&", " and ")).split()]

@@ -97,3 +97,14 @@ def test_the_user_setting_answers_with_entities(data_root, fb15k237, tiny_lm, tm
     assert summary["entity_answers"] == sum(r["entity"] is not None for r in records) / 6
     table = format_markdown(build_report(find_run_results([run])))
     assert "User setting" in table and "| webqsp filtered |" in table
+
+
+def test_an_entity_without_train_triples_is_never_the_topic(tmp_path):
+    """HittER has no neighbourhood to read for it (it crashed the link head's forward)."""
+    for split in ("train", "valid", "test"):
+        extra = ["lisbon\tcapital_of\tportugal"] if split == "test" else []
+        (tmp_path / f"{split}.txt").write_text("\n".join(TRAIN + extra) + "\n")
+    kg = load_kg(tmp_path)
+    linker = TopicLinker.by_names(kg, AliasTable.build(kg))
+    assert linker.link("what is the capital of portugal?").entity == -1
+    assert kg.entity_names[linker.link("what is the capital of spain?").entity] == "spain"
