@@ -13,7 +13,7 @@ topic entity nor the answer's length, which the benchmark protocol hands the mod
   printed.
 * **The answer.** The question becomes the cloze ``question [MASK] ... [MASK].`` with 1 to
   ``--max-masks`` masks, all in one batch. A model that reads a KG answers with an entity of
-  the graph: every entity name is scored at its own piece count by the mean log-probability of
+  the graph: every entity name is scored at its own piece count by the joint log-probability of
   its pieces under the model (LM and reader), and the best wins, with the triple that links it
   to the topic if there is one (:class:`EntityNames`). Free text (each mask's top piece, the
   best mean log-probability per mask over the lengths) only where no name reaches
@@ -53,10 +53,9 @@ from kgqa.readers.adapters import CrossAttentionAdapter
 from kgqa.readers.base import Fact
 from kgqa.readers.names import name_pieces
 
-# A name's score: the sum of its pieces' log-probabilities / pieces ** LENGTH_ALPHA. The joint
-# (0) beat the mean per piece (1; .75, .5, .25 between) on WebQSP filtered dev with the main
-# job's link-head model: 43.4 against 40.4% (99 questions; a wrong length is most errors).
-LENGTH_ALPHA = 0.0
+# A name's score is the joint log-probability of its pieces: on WebQSP filtered dev it beat the
+# mean per piece (and sum / pieces ** .25, .5, .75) with the main job's link-head model, 43.4
+# against 40.4% (99 questions; a wrong length is most errors).
 MIN_ENTITY_P = 0.05  # an entity answer needs this mean probability per piece, else free text
 
 
@@ -85,7 +84,6 @@ class EntityNames:
         self.kg = kg
         self.degree = torch.bincount(kg.train[:, [0, 2]].flatten(), minlength=kg.num_entities)
         self.pieces = pieces
-        self.length_alpha = LENGTH_ALPHA
         self.by_length = {}  # n -> ((C_n,) entity ids, (C_n, n) their pieces)
         for n in range(1, max_masks + 1):
             ids = [e for e, p in enumerate(pieces) if len(p) == n]
@@ -94,7 +92,7 @@ class EntityNames:
 
     def best(self, log_probs: dict[int, torch.Tensor], topic: int, k: int
              ) -> list[tuple[int, float]]:
-        """The ``k`` best (entity, score: :data:`LENGTH_ALPHA`) under ``log_probs[n]``
+        """The ``k`` best (entity, joint log-probability of its name) under ``log_probs[n]``
         (n, V), the model's output with n masks; names spelt alike: the one linked to the
         topic, else the one with the most train triples."""
         scored = []
@@ -102,7 +100,7 @@ class EntityNames:
             if n not in self.by_length:
                 continue
             ids, pieces = self.by_length[n]
-            score = logp.gather(1, pieces.T).sum(0) / n ** self.length_alpha  # (C_n,)
+            score = logp.gather(1, pieces.T).sum(0)  # (C_n,)
             top = score.topk(min(4 * k, len(ids)))
             scored += [(int(ids[i]), float(v)) for v, i in zip(top.values, top.indices,
                                                                    strict=True)]
@@ -114,9 +112,6 @@ class EntityNames:
                 names.add(self.kg.entity_names[e].casefold())
                 out.append((e, v))
         return out[:k]
-
-    def pieces_of(self, entity: int) -> list[int]:
-        return self.pieces[entity]
 
     def neighbours(self, entity: int) -> list[int]:
         h, t = self.kg.train[:, 0], self.kg.train[:, 2]
@@ -169,8 +164,8 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     if names is not None:
         ranked = names.best({n + 1: lp for n, lp in enumerate(logp)}, topic, top_k + 1)
         e, v = ranked[0] if ranked else (-1, 0.0)
-        if ranked and v / len(names.pieces_of(e)) >= math.log(min_entity_p):
-            answer = Answer(names.kg.entity_names[e].casefold(), len(names.pieces_of(e)), v,
+        if ranked and v / len(names.pieces[e]) >= math.log(min_entity_p):
+            answer = Answer(names.kg.entity_names[e].casefold(), len(names.pieces[e]), v,
                             entity=f"{names.kg.entity_names[e]} ({names.kg.entities[e]})",
                             fact=names.fact(topic, e))
             answer.alternatives = [(f"{names.kg.entity_names[a]}", w) for a, w in ranked[1:]]

@@ -229,10 +229,7 @@ class TopicLinker:
 
     def __init__(self, kg: KnowledgeGraph, aliases: AliasTable, state: dict[str, Any]) -> None:
         self.aliases = aliases
-        self.relations_of, pairs = topic_relations(kg)
-        self.neighbours: dict[int, set[int]] = collections.defaultdict(set)
-        for h, t in pairs:
-            self.neighbours[h].add(t)
+        self.relations_of, self.pair_relations = topic_relations(kg)
         self.degree = torch.bincount(kg.train[:, [0, 2]].flatten(),
                                      minlength=kg.num_entities).tolist()  # train triples
         self.state = state  # what fit learned: word counts, relation model, weights
@@ -275,10 +272,10 @@ class TopicLinker:
                 m.start / max(len(words) - 1, 1), (m.start + m.words) / len(words),
                 math.log1p(len(rels)), 0.0, 0.0])
         x = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(FEATURES))
-        if len(rows):
-            best = x[:, 9].max()
-            x[:, -2] = x[:, 9] / best if best > 0 else 0.0
-            x[x[:, 9].argmax(), -1] = 1.0
+        if len(rows):  # the last two features compare each candidate's mass with the best's
+            mass = x[:, FEATURES.index("relation mass")]
+            x[:, -2] = mass / mass.max() if mass.max() > 0 else 0.0
+            x[mass.argmax(), -1] = 1.0
         return found, x
 
     def link(self, question: str, top_k: int = 5) -> Link:
@@ -294,7 +291,7 @@ class TopicLinker:
     def fit(cls, kg: KnowledgeGraph, aliases: AliasTable, examples: Sequence[Any],
             folds: int = FOLDS) -> TopicLinker:
         """Fit on ``examples`` (QAExamples with topic and answer entities: train questions)."""
-        _, pair = topic_relations(kg)
+        pair = topic_relations(kg)[1]
         doc_freq = collections.Counter(w for ex in examples
                                        for w in set(normalise(ex.question).split()))
         state = {"format": LINKER_FORMAT, "questions": len(examples), "doc_freq": dict(doc_freq),

@@ -105,7 +105,7 @@ def linker_accuracy(linker: TopicLinker, examples: Sequence[Any]) -> dict[str, f
     (``answer_linked``: several entities of a question often lead to its answer)."""
     links = [linker.link(ex.question).entity for ex in examples]
     right = [e == ex.topic_entity for e, ex in zip(links, examples, strict=True)]
-    near = [r or ex.answer_entity in linker.neighbours.get(e, ()) for r, e, ex in
+    near = [r or (e, ex.answer_entity) in linker.pair_relations for r, e, ex in
             zip(right, links, examples, strict=True)]
     n = max(len(examples), 1)
     return {"accuracy": sum(right) / n, "answer_linked": sum(near) / n, "correct": sum(right),
