@@ -32,9 +32,8 @@ from hitter_core.cli import run_cli
 from hitter_core.data import default_data_dir, load_kg
 from hitter_core.model import HittERScorer
 from kgqa.data import answer_is_neighbour, qa_splits, read_sources
-from kgqa.lm import resolve_lm
+from kgqa.lm import resolve_lm, word_pieces
 from kgqa.model import build_neighbour_index
-from kgqa.readers.names import name_pieces
 
 
 def probe(hitter, index, examples, is_neighbour: list[bool], name_length: torch.Tensor,
@@ -98,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = qa_splits(read_sources(data_dir, kg, datasets=[args.dataset]), args.dataset,
                          "filtered")[args.split]
     tokenizer = AutoTokenizer.from_pretrained(resolve_lm(args.lm))
-    name_length = torch.tensor([len(p) for p in name_pieces(kg.entity_names, tokenizer)])
+    name_length = torch.tensor([len(p) for p in word_pieces(kg.entity_names, tokenizer)])
     is_neighbour = answer_is_neighbour([e.topic_entity for e in examples],
                                        [e.answer_entity for e in examples], kg)
     index = None  # the same for both: the checkpoint's config

@@ -48,10 +48,10 @@ from hitter_core.predict import AmbiguousName, find_entity
 from kgqa.batches import make_batch
 from kgqa.data import QAExample
 from kgqa.linker import TopicLinker, load_linker
+from kgqa.lm import word_pieces
 from kgqa.model import KGEnhancedLM, load_qa_model
 from kgqa.readers.adapters import CrossAttentionAdapter
 from kgqa.readers.base import Fact
-from kgqa.readers.names import name_pieces
 
 # A name's score is the joint log-probability of its pieces: on WebQSP filtered dev it beat the
 # mean per piece (and sum / pieces ** .25, .5, .75) with the main job's link-head model, 43.4
@@ -80,7 +80,7 @@ class EntityNames:
     score whole names at once (:meth:`best`)."""
 
     def __init__(self, kg: KnowledgeGraph, tokenizer: Any, max_masks: int) -> None:
-        pieces = name_pieces(kg.entity_names, tokenizer)
+        pieces = word_pieces(kg.entity_names, tokenizer)
         self.kg = kg
         self.degree = torch.bincount(kg.train[:, [0, 2]].flatten(), minlength=kg.num_entities)
         self.pieces = pieces
@@ -150,8 +150,9 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
         names: EntityNames | None = None, min_entity_p: float = MIN_ENTITY_P) -> Answer:
     """The model's answer to ``question`` about ``topic`` (an entity id, -1: none), with
     alternatives and evidence (module docstring); with ``names``, an entity of the graph."""
-    examples = [QAExample("ask", question, topic if topic >= 0 else None, " ".join(["a"] * n),
-                          None) for n in range(1, max_masks + 1)]  # the answer: n masks
+    masks = [" ".join([tokenizer.mask_token] * n) for n in range(1, max_masks + 1)]
+    examples = [QAExample("ask", question, topic if topic >= 0 else None, m, None)
+                for m in masks]  # the n-th "answer": n mask tokens, so n masks in the cloze
     batch = make_batch(examples, tokenizer, neighbours, model.config.max_neighbours)
     batch.pop("labels")
     out, weights = run_with_attention(model, batch)

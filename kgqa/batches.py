@@ -3,8 +3,9 @@ batches with the topic entities' neighbourhoods, and the loss (``kgqa.train`` ru
 as :mod:`hitter_core.batches` does for link prediction.
 
 * Cloze form (:func:`build_cloze_dataset`): ``question + " " + [MASK] * n + "."`` with the
-  tokenizer's special tokens, n = the number of word pieces of the answer name (the number of
-  masks is known to every model, as in the paper). Labels are those pieces at the mask
+  tokenizer's special tokens, n = the number of word pieces of the answer name as it reads after
+  a space (:func:`kgqa.lm.word_pieces`; the number of masks is known to every model, as in the
+  paper). Labels are those pieces at the mask
   positions and -100 elsewhere. For BERT's WordPiece tokenizer the ids equal HittER's
   ``RawQuestion + "[MASK]" * n + "."``; the labels come from the answer name, never from the
   label ids stored in the released files.
@@ -33,13 +34,14 @@ from torch.nn.utils.rnn import pad_sequence
 
 from hitter_core.data import DataFormatError
 from hitter_core.neighbours import NeighbourIndex
+from kgqa.lm import word_pieces
 from kgqa.qa_readers import QAExample
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label at non-mask positions (ignored by the MLM loss)
 NO_ENTITY = -1  # topic_entity / answer_entity in tensors when the entity is not in the KG
-CLOZE_FORMAT = 2  # bump when the cloze layout changes: invalidates cached datasets
+CLOZE_FORMAT = 3  # bump when the cloze layout changes: invalidates cached datasets
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "topic_entity",
                  "relation", "answer_entity", "num_masks")  # what a loader reads of a dataset
 _EXAMPLE_FEATURES = Features(
@@ -89,7 +91,7 @@ def cloze_fingerprint(
 def _cloze_batch(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
     """Batched ``Dataset.map`` function: cloze text -> input_ids / attention_mask / labels."""
     mask = tokenizer.mask_token
-    pieces = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
+    pieces = word_pieces(batch["answer"], tokenizer)  # as read after a space
     texts = [f"{q} {mask * len(p)}." for q, p in zip(batch["question"], pieces, strict=True)]
     # The KG-as-text baseline's second segment, where there is one (already cut to fit).
     enc = tokenizer(texts, batch["kg_text"]) if any(batch["kg_text"]) else tokenizer(texts)

@@ -40,8 +40,8 @@ class KGQAConfig(PreTrainedConfig):
     model_type = "hitter-kgqa"
     LEGACY_FIELDS = LEGACY_FIELDS  # accepted in saved files only (hitter_core.sections)
 
-    # Language model: a Hub id or local directory (``minilm`` = the offline test LM, see
-    # kgqa.lm). Paper section 4: BERT-base, uncased (REFERENCE.md).
+    # Language model: a Hub id or local directory of a masked LM of the families in
+    # kgqa.lm.FAMILIES (``minilm`` = the offline test LM). Paper section 4: BERT-base, uncased.
     lm: str = DEFAULT_LM
     # HittER checkpoint directory (``HittER.save_pretrained``); None = the no-KG baseline,
     # the plain LM ("BERT" row of paper Table 6). Paper: the best FB15K-237 model.
@@ -70,7 +70,7 @@ class KGQAConfig(PreTrainedConfig):
     # The "text" reader (kgqa.verbalise): the topic's first neighbours, verbalised, are appended
     # to the question, which is kept within this many word pieces.
     kg_text_length: int = 128
-    # Set by the builder, not by users: BertConfig.to_dict() of the LM, HittERConfig.to_dict().
+    # Set by the builder, not by users: the LM's config.to_dict(), HittERConfig.to_dict().
     lm_config: dict[str, Any] | None = None
     kg_config: dict[str, Any] | None = None
 

@@ -1,11 +1,12 @@
-"""A BERT masked LM that reads a pretrained HittER (paper section 4, Figure 4; appendix B).
+"""A masked LM that reads a pretrained HittER (paper section 4, Figure 4; appendix B).
 
 :class:`KGEnhancedLM` is a ``transformers.PreTrainedModel`` (config :class:`KGQAConfig`, so
-``save_pretrained`` / ``from_pretrained`` are the standard ones) that composes a stock
-``BertForMaskedLM``, optionally a pretrained :class:`hitter_core.model.HittER`, and the reader
-``model.reader`` names (:mod:`kgqa.readers`): the paper's cross-attention adapters inside every
-second LM layer, a head at the LM's output (copy, link: ours), or both. Without HittER it is the
-plain LM (the "BERT" baseline of paper Table 6) on the same code path.
+``save_pretrained`` / ``from_pretrained`` are the standard ones) that composes a stock masked LM
+(``model.lm``: BERT as in the paper, or one of the families of :mod:`kgqa.lm`), optionally a
+pretrained :class:`hitter_core.model.HittER`, and the reader ``model.reader`` names
+(:mod:`kgqa.readers`): the paper's cross-attention adapters inside every second LM layer
+(counted on the LM's own depth), a head at the LM's output (copy, link: ours), or both. Without
+HittER it is the plain LM (the "BERT" baseline of paper Table 6) on the same code path.
 
 KG input (REFERENCE.md "QA"): the question's topic entity, its relation id (0 in the released
 data) and the topic's neighbours, gathered where batches are made
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from hitter_core.checkpoint import load_hitter
@@ -45,7 +46,14 @@ from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.config import KGQAConfig, format_layer_mapping, parse_layer_mapping
-from kgqa.lm import resolve_lm
+from kgqa.lm import (
+    encoder_layers,
+    load_masked_lm,
+    load_tokenizer,
+    masked_lm_from_config,
+    mlm_logits,
+    num_layers,
+)
 from kgqa.readers import parse_reader
 from kgqa.readers.adapters import (
     CrossAttentionAdapter,
@@ -74,7 +82,7 @@ class KGQAOutput(ModelOutput):
 
 
 class KGEnhancedLM(PreTrainedModel):
-    """A BERT masked LM reading HittER through ``config.reader`` (:mod:`kgqa.readers`): its
+    """A masked LM reading HittER through ``config.reader`` (:mod:`kgqa.readers`): its
     adapters (if any) inside the chosen LM layers, ``head`` at the output.
 
     ``lm`` / ``hitter`` are pretrained modules to compose (:func:`build_model`); when absent
@@ -85,13 +93,13 @@ class KGEnhancedLM(PreTrainedModel):
     base_model_prefix = "kgqa"
 
     def __init__(
-        self, config: KGQAConfig, lm: BertForMaskedLM | None = None, hitter: HittER | None = None
+        self, config: KGQAConfig, lm: PreTrainedModel | None = None, hitter: HittER | None = None
     ) -> None:
         super().__init__(config)
         if lm is None:
             if config.lm_config is None:
                 raise ValueError("KGQAConfig.lm_config is not set: use kgqa.model.build_model")
-            lm = BertForMaskedLM(BertConfig.from_dict(config.lm_config))
+            lm = masked_lm_from_config(config.lm_config)
         if hitter is None and config.kg_config is not None:
             hitter = HittER(HittERConfig.from_dict(config.kg_config))
         self.lm = lm
@@ -105,13 +113,13 @@ class KGEnhancedLM(PreTrainedModel):
         if hitter is None and reader.reads_hitter:
             raise ValueError(f"model.reader={config.reader} reads HittER, and there is none")
         if hitter is not None and reader.adapters is not None:
-            num_lm, num_kg = lm.config.num_hidden_layers, hitter.config.num_context_layers
+            num_lm, num_kg = num_layers(lm), hitter.config.num_context_layers
             if config.layer_mapping is None:
                 self.layer_mapping = default_layer_mapping(num_lm, num_kg)
             else:
                 self.layer_mapping = parse_layer_mapping(config.layer_mapping)
             check_layer_mapping(self.layer_mapping, num_lm, num_kg)
-            attach_adapters(lm.bert.encoder.layer, self.layer_mapping, hitter.config.hidden_size,
+            attach_adapters(encoder_layers(lm), self.layer_mapping, hitter.config.hidden_size,
                             lm.config, self.context, config.adapter_dropout,
                             gated=reader.adapters == "gated")
         self.head: KGReader = (LMReader() if reader.head is LMReader
@@ -159,14 +167,14 @@ class KGEnhancedLM(PreTrainedModel):
             # layers are recomputed in backward.
             raise NotImplementedError("gradient checkpointing is not supported with KG input")
         with self.context.use(states):
-            hidden = self.lm.bert(
+            hidden = self.lm.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             ).last_hidden_state  # (B, L, D)
         mask_states = hidden[positions]  # (M, D)
         rows = positions.nonzero()[:, 0]  # (M,)
         read = self.head(ReaderInput(
-            self.lm.cls(mask_states), mask_states, rows, len(input_ids),
-            self.lm.bert.embeddings.word_embeddings, topic_entity, kg_entities, kg_relations,
+            mlm_logits(self.lm, mask_states), mask_states, rows, len(input_ids),
+            self.lm.get_input_embeddings(), topic_entity, kg_entities, kg_relations,
             kg_mask, states, self.hitter, kg_grad=not self.config.freeze_kg))  # (M, V) log p
         out = KGQAOutput(log_probs=read.log_probs, rows=rows, kg_rows=read.kg_rows,
                          kg_evidence=read.evidence)
@@ -243,15 +251,8 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     bert-base-uncased's)."""
     config.check_reader()
     config = copy.deepcopy(config)  # the model fills in lm_config, kg_config, layer_mapping
-    # float32 weights whatever the checkpoint holds (transformers 5 keeps a bf16 checkpoint in
-    # bf16): bf16 runs as autocast over fp32 master weights (hitter_core.distributed).
-    lm, info = BertForMaskedLM.from_pretrained(resolve_lm(config.lm), output_loading_info=True,
-                                               dtype=torch.float32)
-    missing = set(info["missing_keys"])
-    names: dict[int, list[str]] = {}
-    for name, p in lm.named_parameters(remove_duplicate=False):  # tied weights: several names
-        names.setdefault(id(p), []).append(name)
-    fresh = {f"lm.{ns[0]}" for ns in names.values() if all(n in missing for n in ns)}
+    lm, missing = load_masked_lm(config.lm)
+    fresh = {f"lm.{name}" for name in missing}
     hitter = None
     if config.kg_checkpoint is not None and config.kg_init == "random":
         # Control: the checkpoint's shape only (config.json), random weights (seeded by the
@@ -288,7 +289,7 @@ def load_qa_model(
     eval mode: ``(model, tokenizer, neighbour_index)``; the index is None for a no-KG model.
     Batches for it: :func:`kgqa.batches.make_batch`."""
     model = KGEnhancedLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
     model.mask_token_id = tokenizer.mask_token_id
     index = None
     if model.config.kg_config is not None:

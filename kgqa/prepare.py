@@ -202,12 +202,10 @@ def counts_table(sources: QASources, dev_fraction: float = DEV_FRACTION) -> str:
 
 def build_caches(out_dir: str | Path, lm: str) -> list[str]:
     """Tokenize every prepared split into ``OUT/cache`` (one summary line per split)."""
-    from transformers import AutoTokenizer
-
-    from kgqa.lm import resolve_lm
+    from kgqa.lm import load_tokenizer
 
     out_dir = Path(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_lm(lm))
+    tokenizer = load_tokenizer(lm)
     summary = []
     for path in sorted(out_dir.glob("*/*/*.jsonl")):
         examples = load_examples(path)

@@ -46,7 +46,6 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from hitter_core.checkpoint import hitter_identity
 from hitter_core.cli import add_config_arguments, add_run_arguments, apply_run_arguments, run_cli
@@ -71,7 +70,7 @@ from kgqa.evaluate import (
     prediction_records,
     write_predictions,
 )
-from kgqa.lm import resolve_lm
+from kgqa.lm import load_tokenizer
 from kgqa.model import KGEnhancedLM, build_model, build_neighbour_index
 from kgqa.model_card import qa_card
 from kgqa.prepare import cloze_splits
@@ -152,7 +151,7 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_lm(model_config.lm))
+        self.tokenizer = load_tokenizer(model_config.lm)
         # The graph the questions are linked to (HittER's, the text baseline's, the report's).
         self.kg = kg = load_kg(data_dir / DEFAULT_KG)
         self.data = self._load_data(data_dir, cache_dir, model_config, kg)

@@ -33,6 +33,7 @@ from hitter_core.data import default_data_dir, load_kg
 from kgqa.ask import MIN_ENTITY_P, EntityNames, ask, load_for_asking
 from kgqa.data import DATASETS
 from kgqa.linker import TopicLinker, load_linker
+from kgqa.lm import word_pieces
 from kgqa.prepare import load_qa_splits
 from kgqa.report import METRICS_FILE, USER_FILE, write_predictions
 
@@ -64,8 +65,7 @@ def user_setting(run_dir: str | Path, data_dir: str | Path | None = None, split:
         topic = linker.link(ex.question).entity if linker is not None else -1
         answer = ask(model, tokenizer, kg, neighbours, ex.question, topic, max_masks,
                      names=entity_names, min_entity_p=min_entity_p)
-        pieces = tokenizer(answer.text.casefold(), add_special_tokens=False)["input_ids"]
-        gold = tokenizer(ex.answer.casefold(), add_special_tokens=False)["input_ids"]
+        pieces, gold = word_pieces([answer.text.casefold(), ex.answer.casefold()], tokenizer)
         records.append({"question_id": ex.question_id, "question": ex.question,
                         "answer": ex.answer, "predicted": answer.text, "entity": answer.entity,
                         "topic": topic, "gold_topic": ex.topic_entity, "correct": pieces == gold})

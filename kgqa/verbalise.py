@@ -26,6 +26,7 @@ import torch
 
 from hitter_core.data import KnowledgeGraph, read_names
 from hitter_core.neighbours import NeighbourIndex
+from kgqa.lm import word_pieces
 from kgqa.qa_readers import QAExample
 
 RELATION_TEXT_FILE = "relation2text.txt"
@@ -99,7 +100,7 @@ def kg_texts(
         phrases = neighbour_phrases(nbrs.entities[j][keep].tolist(),
                                     nbrs.relations[j][keep].tolist(), kg, rel_texts)
         j += 1
-        answer = tokenizer.tokenize(example.answer)
+        answer = word_pieces([example.answer], tokenizer)[0]
         cloze = f"{example.question} {tokenizer.mask_token * len(answer)}."
         budget = max_length - len(tokenizer(cloze)["input_ids"]) - 1  # the final [SEP]
         out.append(fit_phrases(kg.entity_names[topic], phrases, tokenizer, budget))

@@ -17,6 +17,7 @@
 #   OUT                  output root [runs/end_to_end]
 #   KG_STEPS             cap on HittER training steps of 512 triples (train.max_steps, smoke
 #                        runs); empty: the whole cpu-base preset (8 epochs, 4,256 steps) []
+#   KG_SEED              HittER's training seed (train.seed; another seed, another HittER) [0]
 #   SEEDS, SEED          seeds per QA setting and the first one [1, 333]
 #   QA_EXTRA             more kgqa.train overrides for both QA runs, e.g.
 #                        "train.max_train_examples=32" (smoke runs), "model.freeze_kg=false"
@@ -30,7 +31,7 @@ export HITTER_RECIPE_PIDS="${HITTER_RECIPE_PIDS:+$HITTER_RECIPE_PIDS,}$$@$HOSTNA
 # script waits for them (a trap runs at once during `wait`, not after a foreground command).
 trap 'trap - INT TERM; kill 0' INT TERM
 case "${1:-}" in
-  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
   "") ;;
   *) echo "end_to_end.sh takes no arguments (settings are environment variables; see --help)" >&2
      exit 2 ;;
@@ -39,6 +40,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/end_to_end}"
 KG_STEPS="${KG_STEPS:-}"
+KG_SEED="${KG_SEED:-0}"
 SEEDS="${SEEDS:-1}"
 SEED="${SEED:-333}"
 read -r -a qa_extra <<<"${QA_EXTRA:-}"
@@ -49,9 +51,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}
 start=$SECONDS
 elapsed() { printf '%dm%02ds' $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)); }
 
-kg_args=()
-[[ -n $KG_STEPS ]] && kg_args=("train.max_steps=$KG_STEPS")
-echo "== stage 1: HittER cpu-base on FB15K-237${KG_STEPS:+, at most $KG_STEPS steps}"
+kg_args=("train.seed=$KG_SEED")
+[[ -n $KG_STEPS ]] && kg_args+=("train.max_steps=$KG_STEPS")
+echo "== stage 1: HittER cpu-base on FB15K-237, seed $KG_SEED${KG_STEPS:+, at most $KG_STEPS steps}"
 bash recipes/pretrain_kg.sh --preset cpu-base --output-dir "$OUT/hitter" "${kg_args[@]}" &
 wait $!
 echo "== stage 1 done after $(elapsed)"

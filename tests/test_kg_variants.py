@@ -24,6 +24,7 @@ from hitter_core.sections import load_sections
 from kgqa.batches import build_cloze_dataset, make_batch
 from kgqa.config import QA_SCHEMA, KGQAConfig
 from kgqa.data import answer_is_neighbour, shuffle_topics
+from kgqa.lm import word_pieces
 from kgqa.model import KGEnhancedLM, build_model
 from kgqa.qa_readers import QAExample
 from kgqa.readers import READERS, Reader, parse_reader
@@ -31,7 +32,6 @@ from kgqa.readers.adapters import KGStates
 from kgqa.readers.base import KGReader, ReaderInput, ReaderOutput
 from kgqa.readers.copy import CopyReader
 from kgqa.readers.link import LinkReader
-from kgqa.readers.names import name_pieces
 from kgqa.report import build_report, format_markdown, row_label
 from kgqa.verbalise import fit_phrases, kg_texts, neighbour_phrases
 
@@ -211,7 +211,7 @@ def test_name_keys_read_the_neighbours_names(base_lm, tokenizer):
     plain, named = (CopyReader(base_lm.config, kg_shape(3, R), name_keys=k) for k in (False, True))
     for head in (plain, named):
         head.set_entity_names([[7], [8], [9]])
-    named.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    named.set_relation_names(word_pieces(RELATION_TEXTS, tokenizer))
     with torch.no_grad():
         assert torch.allclose(plain(x).evidence["attention"], torch.full((1, 3), 1 / 3))
         before = named(x).evidence["attention"]
@@ -229,7 +229,7 @@ def test_name_keys_of_distinct_entities_equal_the_per_token_keys(base_lm, tokeni
     torch.manual_seed(0)
     head = CopyReader(base_lm.config, kg_shape(6, R), name_keys=True)
     head.set_entity_names([[7], [8, 9], [10, 11, 12], [13], [14, 15], list(range(20, 31))])
-    head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    head.set_relation_names(word_pieces(RELATION_TEXTS, tokenizer))
     embeddings = copy.deepcopy(base_lm.bert.embeddings.word_embeddings)
     entities = torch.tensor([[0, 1, 1, 5], [2, 0, 3, 4]])  # repeated entities and relations
     relations = torch.tensor([[0, 1, R + 1, 3], [R, 0, 2, R + 3]])
@@ -264,9 +264,9 @@ def test_copy_head_model_learns_to_point(base_lm, neighbours, tokenizer, name_ke
     names[answer_entity] = "honolulu"
     config = KGQAConfig(lm="minilm", reader="copy-names" if name_keys else "copy")
     model = KGEnhancedLM(config, copy.deepcopy(base_lm), tiny_hitter())
-    model.head.set_entity_names(name_pieces(names, tokenizer))
+    model.head.set_entity_names(word_pieces(names, tokenizer))
     if name_keys:
-        model.head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+        model.head.set_relation_names(word_pieces(RELATION_TEXTS, tokenizer))
     batch = make_batch([QAExample("q", "where was obama born?", topic, "honolulu", None)],
                        tokenizer, neighbours)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2)
@@ -397,7 +397,7 @@ def test_link_head_reads_the_relation_texts(base_lm, tokenizer):
     torch.manual_seed(0)
     head = LinkReader(base_lm.config, kg_shape(3, R))
     head.set_entity_names([[7], [8], [9]])
-    head.set_relation_names(name_pieces(RELATION_TEXTS, tokenizer))
+    head.set_relation_names(word_pieces(RELATION_TEXTS, tokenizer))
     head.set_graph(torch.tensor([[0, 0, 1], [0, 1, 2], [2, 1, 0]]))  # 0 asks r0, r1, r1 + R
     with torch.no_grad():
         head.relation.weight.zero_()  # no per-id preference: only texts and directions
@@ -410,7 +410,7 @@ def test_link_head_reads_the_relation_texts(base_lm, tokenizer):
     with torch.no_grad():
         before = head.read_links(x, *args).evidence["relation_probs"][0]
         assert before[0] != before[1] and before[1] != before[R + 1]  # text; direction
-        head.set_relation_names(name_pieces(["book written work author"] + RELATION_TEXTS[1:],
+        head.set_relation_names(word_pieces(["book written work author"] + RELATION_TEXTS[1:],
                                             tokenizer))
         after = head.read_links(x, *args).evidence["relation_probs"][0]
     assert after[0] != before[0]

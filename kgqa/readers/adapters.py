@@ -1,4 +1,4 @@
-"""Cross-attention from a BERT masked LM into HittER's context layers (paper section 4,
+"""Cross-attention from a masked LM into HittER's context layers (paper section 4,
 Figure 4, and appendix B).
 
 After the self-attention block of chosen LM layers, and before their feed-forward block, a
@@ -7,24 +7,26 @@ sequence of one HittER context layer ([GCLS, source, neighbours], keys and value
 from the KG width to the LM width), masking KG padding. Its output goes through dense, dropout,
 residual and LayerNorm (post-LN, as BERT's own attention output; REFERENCE.md "QA").
 
-The LM is composed, not forked: :func:`attach_adapters` replaces each chosen
-``layer.attention`` by a :class:`KGAttention` that calls the original module and then the
-adapter. The KG states of the current batch reach the adapters through a shared
-:class:`KGContext`, which :class:`kgqa.model.KGEnhancedLM` fills for the duration of one forward
-call. With an empty context (or for rows without a KG entity) the layer is the stock one.
+The LM is composed, not forked: :func:`attach_adapters` replaces each chosen ``layer.attention``
+by a :class:`KGAttention` that calls the original module and then the adapter
+(:class:`SharedKGAttention` for a layer that runs at several depths, as ALBERT's shared layers
+do: an adapter per depth, the depth counted per forward call). The KG states of the current
+batch reach the adapters through a shared :class:`KGContext`, which
+:class:`kgqa.model.KGEnhancedLM` fills for the duration of one forward call. With an empty
+context (or for rows without a KG entity) the layer is the stock one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig
+from transformers import PreTrainedConfig
 
 
 def default_layer_mapping(num_lm_layers: int, num_kg_layers: int) -> dict[int, int]:
@@ -82,10 +84,12 @@ class KGContext:
 
     def __init__(self) -> None:
         self.states: KGStates | None = None
+        self.calls: dict[int, int] = {}  # per shared layer (id): its calls in this forward
 
     @contextmanager
     def use(self, states: KGStates | None) -> Iterator[None]:
         self.states = states
+        self.calls = {}
         try:
             yield
         finally:
@@ -101,8 +105,8 @@ class CrossAttentionAdapter(nn.Module):
     scalar ``g`` that starts at 0 and no LayerNorm (Flamingo's gated cross-attention), so at
     initialisation the layer returns its input exactly and the model is the plain LM."""
 
-    def __init__(self, lm_config: BertConfig, kg_dim: int, hidden_dropout: float | None = None,
-                 gated: bool = False):
+    def __init__(self, lm_config: PreTrainedConfig, kg_dim: int,
+                 hidden_dropout: float | None = None, gated: bool = False):
         super().__init__()
         self.gated = gated
         d, self.heads = lm_config.hidden_size, lm_config.num_attention_heads
@@ -157,7 +161,7 @@ class CrossAttentionAdapter(nn.Module):
 
 
 class KGAttention(nn.Module):
-    """A BERT layer's attention block followed by a :class:`CrossAttentionAdapter`.
+    """An LM layer's attention block followed by a :class:`CrossAttentionAdapter`.
 
     Called exactly like the wrapped module (its return value is passed on with the hidden
     states replaced). Rows without a KG entity are copied through unchanged, so a batch mixing
@@ -187,23 +191,60 @@ class KGAttention(nn.Module):
         return f"kg_layer={self.kg_layer}"
 
 
+class SharedKGAttention(nn.Module):
+    """The attention block of a layer that runs at several depths (ALBERT shares its layers),
+    followed at each depth of ``mapping`` by that depth's adapter: the k-th call in a forward
+    pass is the k-th of ``depths``."""
+
+    def __init__(self, attention: nn.Module, adapters: Mapping[int, CrossAttentionAdapter],
+                 mapping: Mapping[int, int], depths: Sequence[int], context: KGContext) -> None:
+        super().__init__()
+        self.attention = attention
+        self.adapters = nn.ModuleDict({str(lm): a for lm, a in adapters.items()})
+        self.kg_layers = dict(mapping)  # {lm depth: kg layer}, both 1-based
+        self.depths = tuple(depths)
+        self.context = context
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple:
+        out, *rest = self.attention(hidden_states, *args, **kwargs)  # out (B, L, D)
+        call = self.context.calls.get(id(self), -1) + 1
+        self.context.calls[id(self)] = call
+        depth = self.depths[call % len(self.depths)]
+        kg = self.context.states
+        if kg is not None and len(kg.rows) and depth in self.kg_layers:
+            y = self.adapters[str(depth)](out[kg.rows], kg.layers[self.kg_layers[depth] - 1],
+                                          kg.mask)  # (B_kg, L, D)
+            out = out.index_copy(0, kg.rows, y)
+        return (out, *rest)
+
+    def extra_repr(self) -> str:
+        return f"depths={self.depths}, kg_layers={self.kg_layers}"
+
+
 def attach_adapters(
-    layers: nn.ModuleList,
+    layers: Sequence[tuple[nn.Module, tuple[int, ...]]],
     mapping: Mapping[int, int],
     kg_dim: int,
-    lm_config: BertConfig,
+    lm_config: PreTrainedConfig,
     context: KGContext,
     hidden_dropout: float | None = None,
     gated: bool = False,
 ) -> dict[int, CrossAttentionAdapter]:
-    """Wrap ``layers[lm - 1].attention`` for every (lm, kg) of ``mapping`` (1-based) in place;
-    returns the new adapters by LM layer."""
+    """Wrap the attention block of each layer that computes a depth of ``mapping`` ({lm: kg},
+    1-based) in place; ``layers`` are the LM's distinct layers with the depths each computes
+    (:func:`kgqa.lm.encoder_layers`). Returns the new adapters by LM depth."""
     adapters = {}
-    for lm, kg in sorted(mapping.items()):
-        layer = layers[lm - 1]
-        if isinstance(layer.attention, KGAttention):
-            raise ValueError(f"LM layer {lm} already has an adapter")
-        adapter = CrossAttentionAdapter(lm_config, kg_dim, hidden_dropout, gated)
-        layer.attention = KGAttention(layer.attention, adapter, kg, context)
-        adapters[lm] = adapter
-    return adapters
+    for layer, depths in layers:
+        mine = {lm: kg for lm, kg in mapping.items() if lm in depths}
+        if not mine:
+            continue
+        if isinstance(layer.attention, (KGAttention, SharedKGAttention)):
+            raise ValueError(f"LM layer {min(mine)} already has an adapter")
+        new = {lm: CrossAttentionAdapter(lm_config, kg_dim, hidden_dropout, gated) for lm in mine}
+        if len(depths) == 1:
+            (lm, kg), = mine.items()
+            layer.attention = KGAttention(layer.attention, new[lm], kg, context)
+        else:
+            layer.attention = SharedKGAttention(layer.attention, new, mine, depths, context)
+        adapters.update(new)
+    return dict(sorted(adapters.items()))

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
+from kgqa.lm import embedding_width, word_pieces
 from kgqa.readers.base import Explanation, ReaderInput, ReaderOutput, neighbour_facts
-from kgqa.readers.names import NameReader, mask_queries, mean_embedding, name_pieces, piece_table
+from kgqa.readers.names import NameReader, mask_queries, mean_embedding, piece_table
 from kgqa.verbalise import relation_texts
 
 
@@ -72,8 +73,8 @@ class CopyReader(NameReader):
         linears = [self.query, self.key, self.gate]
         self.name_keys = name_keys
         if name_keys:
-            self.name_key = nn.Linear(d, d)  # the neighbour's name
-            self.relation_key = nn.Linear(d, d)  # its relation's text
+            self.name_key = nn.Linear(embedding_width(lm_config), d)  # the neighbour's name
+            self.relation_key = nn.Linear(embedding_width(lm_config), d)  # its relation's text
             self.direction = nn.Embedding(2, d)  # forward (t, r, e) or reciprocal (e, r, t)
             nn.init.normal_(self.direction.weight, std=lm_config.initializer_range)
             linears += [self.name_key, self.relation_key]
@@ -85,9 +86,9 @@ class CopyReader(NameReader):
             self.register_buffer("name_key_length", torch.zeros(num_entities, dtype=torch.long))
 
     def set_tables(self, kg: Any, tokenizer: Any) -> None:
-        self.set_entity_names(name_pieces(kg.entity_names, tokenizer))
+        self.set_entity_names(word_pieces(kg.entity_names, tokenizer))
         if self.name_keys:
-            self.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
+            self.set_relation_names(word_pieces(relation_texts(kg), tokenizer))
 
     def set_entity_names(self, pieces: Sequence[Sequence[int]]) -> None:
         super().set_entity_names(pieces)

@@ -53,8 +53,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
+from kgqa.lm import embedding_width, word_pieces
 from kgqa.readers.base import Explanation, Fact, ReaderInput, ReaderOutput
-from kgqa.readers.names import NameReader, mask_queries, name_pieces
+from kgqa.readers.names import NameReader, mask_queries
 from kgqa.verbalise import relation_texts
 
 
@@ -69,7 +70,7 @@ class LinkReader(NameReader):
         d = lm_config.hidden_size
         self.relation = nn.Linear(d, 2 * num_relations)  # which relation the question asks
         self.query = nn.Linear(d, d)  # ... and its match with the relation texts
-        self.relation_key = nn.Linear(d, d)
+        self.relation_key = nn.Linear(embedding_width(lm_config), d)
         self.direction = nn.Embedding(2, d)  # (t, r, ?) or its reciprocal (?, r, t)
         nn.init.normal_(self.direction.weight, std=lm_config.initializer_range)
         for linear in (self.relation, self.query, self.relation_key):
@@ -89,8 +90,8 @@ class LinkReader(NameReader):
                              torch.zeros(num_entities, 2 * num_relations, dtype=torch.bool))
 
     def set_tables(self, kg: Any, tokenizer: Any) -> None:
-        self.set_entity_names(name_pieces(kg.entity_names, tokenizer))
-        self.set_relation_names(name_pieces(relation_texts(kg), tokenizer))
+        self.set_entity_names(word_pieces(kg.entity_names, tokenizer))
+        self.set_relation_names(word_pieces(relation_texts(kg), tokenizer))
         self.set_graph(kg.train)
 
     def set_graph(self, train: torch.Tensor) -> None:

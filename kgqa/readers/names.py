@@ -6,7 +6,6 @@ question vector at the [MASK] positions, the keys read from relation texts, and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,12 +14,6 @@ from torch.nn import functional as F
 from kgqa.readers.base import KGReader
 
 MAX_NAME_PIECES = 8  # longer entity names are never answered (90% of answers have <= 3 pieces)
-
-
-def name_pieces(names: Sequence[str], tokenizer: Any) -> list[list[int]]:
-    """Word pieces of every name (entities, relation texts), tokenised as the cloze answers are
-    (:func:`kgqa.batches.build_cloze_dataset`)."""
-    return tokenizer(list(names), add_special_tokens=False)["input_ids"]
 
 
 def mask_queries(mask_states: torch.Tensor, rows: torch.Tensor, batch_size: int
@@ -63,8 +56,8 @@ def piece_table(pieces: Sequence[Sequence[int]], keep: str) -> tuple[torch.Tenso
 class NameReader(KGReader):
     """A head that answers with entity names: the word pieces of every entity's name and, with
     ``num_relations``, of every relation's text (saved with the model). A head that reads
-    relation texts also has ``relation_key`` (a D x D projection) and ``direction`` (2 x D) for
-    :meth:`relation_keys`."""
+    relation texts also has ``relation_key`` (from the word embeddings' width to D) and
+    ``direction`` (2 x D) for :meth:`relation_keys`."""
 
     def __init__(self, num_entities: int, num_relations: int = 0) -> None:
         super().__init__()
