@@ -93,7 +93,7 @@ def encoder_layers(lm: PreTrainedModel) -> list[tuple[nn.Module, tuple[int, ...]
     they run) it computes: ``(layer, (l,))`` for each layer of BERT, RoBERTa, XLM-R and
     DeBERTa-v2; for ALBERT each shared layer with the several depths it runs at (depth
     ``num_hidden_layers * inner_group_num``). Each layer has an ``attention`` block."""
-    encoder = lm.base_model.encoder
+    encoder = getattr(lm.base_model, "encoder", None)
     if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
         layers = [(layer, (i + 1,)) for i, layer in enumerate(encoder.layer)]
     elif hasattr(encoder, "albert_layer_groups"):  # AlbertTransformer.forward's loop

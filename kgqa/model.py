@@ -122,8 +122,11 @@ class KGEnhancedLM(PreTrainedModel):
             attach_adapters(encoder_layers(lm), self.layer_mapping, hitter.config.hidden_size,
                             lm.config, self.context, config.adapter_dropout,
                             gated=reader.adapters == "gated")
+        options = dict(reader.options)
+        if config.kg_init == "frequency":  # control: answer priors instead of HittER's scores
+            options["frequency_prior"] = True
         self.head: KGReader = (LMReader() if reader.head is LMReader
-                               else reader.head(lm.config, hitter.config, **reader.options))
+                               else reader.head(lm.config, hitter.config, **options))
         self._freeze_kg()
         # What was built, so that save_pretrained writes a self-contained config.
         config.lm_config = lm.config.to_dict()
@@ -254,9 +257,9 @@ def build_model(config: KGQAConfig) -> tuple[KGEnhancedLM, set[str]]:
     lm, missing = load_masked_lm(config.lm)
     fresh = {f"lm.{name}" for name in missing}
     hitter = None
-    if config.kg_checkpoint is not None and config.kg_init == "random":
-        # Control: the checkpoint's shape only (config.json), random weights (seeded by the
-        # caller's torch seed), nothing loaded.
+    if config.kg_checkpoint is not None and config.kg_init in ("random", "frequency"):
+        # Controls: the checkpoint's shape only (config.json), random weights (seeded by the
+        # caller's torch seed), nothing loaded; the frequency prior reads none of it.
         hitter = load_hitter(config.kg_checkpoint, weights=False)
     elif config.kg_checkpoint is not None:
         hitter = load_hitter(config.kg_checkpoint)

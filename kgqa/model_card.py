@@ -9,6 +9,9 @@ from typing import Any
 from hitter_core.model_card import settings_table, write_card
 from kgqa.readers import parse_reader
 
+KG_INIT_WORDS = {"pretrained": "pretrained weights", "random": "random weights",
+                 "frequency": "control: its scores replaced by answer frequencies"}
+
 
 def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: float,
             epoch: int, test: dict[str, Any] | None = None,
@@ -22,7 +25,7 @@ def qa_card(directory: str | Path, model_config: Any, train_config: Any, dev: fl
         knowledge = f"none: {reader.description} (reader `{m.reader}`, kgqa.readers)"
     else:
         knowledge = (f"HittER `{m.kg_checkpoint}` ({'frozen' if m.freeze_kg else 'co-trained'},"
-                     f" {m.kg_init} weights), read by {reader.description} (reader "
+                     f" {KG_INIT_WORDS[m.kg_init]}), read by {reader.description} (reader "
                      f"`{m.reader}`, kgqa.readers)")
     result = f"dev accuracy {dev:.4f} (epoch {epoch})"
     if test is not None:

@@ -80,6 +80,8 @@ def row_label(result: dict[str, Any]) -> str:
     controls = []
     if v.get("kg_init") == "random":
         controls.append("untrained HittER")
+    if v.get("kg_init") == "frequency":
+        controls.append("frequency prior instead of HittER")
     if v.get("shuffle_topics"):
         controls.append("shuffled topics")
     return label + (f" [control: {', '.join(controls)}]" if controls else "")

@@ -6,7 +6,7 @@
 #   bash recipes/kg_gain.sh --kg-checkpoint runs/hitter-cpu-base/best --seeds 5
 #   bash recipes/kg_gain.sh --dataset freebaseqa --rows lm,copy,text --seeds 3 --jobs 2
 #
-# Rows (--rows, comma-separated; default all): READER[-cotrained][-untrained|-shuffled]
+# Rows (--rows, comma-separated; default all): READER[-cotrained][-untrained|-shuffled|-frequency]
 #   READER          lm (the plain LM, no KG), or a reader of kgqa.readers (model.reader):
 #                   text (the neighbourhood as text), paper, gated (cross-attention adapters),
 #                   copy, copy-names (the copy head, 256 neighbours), link, link-conf (the link
@@ -14,6 +14,8 @@
 #   -cotrained      HittER co-trained (model.freeze_kg=false; the protocol freezes it)
 #   -untrained      control: an untrained HittER of the same shape (model.kg_init=random)
 #   -shuffled       control: every question given another question's topic
+#   -frequency      control (link heads): answer frequencies in the train graph instead of
+#                   HittER's scores (model.kg_init=frequency)
 # Options: --dataset webqsp|freebaseqa [webqsp], --split filtered|full [filtered],
 #   --kg-checkpoint DIR (HittER, for the KG rows), --seeds N [5], --seed S [333],
 #   --jobs J (runs at a time, one thread each; [1] = one run with all threads),
@@ -45,14 +47,15 @@ while [[ $# -gt 0 ]]; do
     *) echo "kg_gain.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-rows="${rows:-lm,text,paper,gated,paper-untrained,paper-shuffled,gated-untrained,gated-shuffled,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-cotrained-untrained,link-cotrained-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
+rows="${rows:-lm,text,paper,gated,paper-untrained,paper-shuffled,gated-untrained,gated-shuffled,copy,copy-names,copy-cotrained,copy-names-cotrained,copy-untrained,copy-shuffled,copy-names-untrained,copy-names-shuffled,link,link-cotrained,link-untrained,link-shuffled,link-frequency,link-cotrained-untrained,link-cotrained-shuffled,link-conf,link-conf-untrained,link-conf-shuffled}"
 out="${out:-runs/kg-gain/$dataset-$split}"
 export PYTHON="${PYTHON:-python}" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
-row_overrides() {  # the overrides of one row: READER[-cotrained][-untrained|-shuffled]
+row_overrides() {  # the overrides of one row: READER[-cotrained][-untrained|-shuffled|-frequency]
   local row=$1 reader sets=""
   case "$row" in
     *-untrained) sets+=" model.kg_init=random"; row=${row%-untrained} ;;
+    *-frequency) sets+=" model.kg_init=frequency"; row=${row%-frequency} ;;
     *-shuffled) sets+=" train.shuffle_topics=true"; row=${row%-shuffled} ;;
   esac
   [[ $row == *-cotrained ]] && { sets+=" model.freeze_kg=false"; row=${row%-cotrained}; }

@@ -16,11 +16,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
+from hitter_core.baselines import RelationFrequencyScorer
 from hitter_core.config import HittERConfig
 from hitter_core.data import KnowledgeGraph
 from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
-from hitter_core.sections import load_sections
+from hitter_core.sections import ConfigError, load_sections
 from kgqa.batches import build_cloze_dataset, make_batch
 from kgqa.config import QA_SCHEMA, KGQAConfig
 from kgqa.data import answer_is_neighbour, shuffle_topics
@@ -532,6 +533,32 @@ def test_untrained_hitter_control_loads_no_weights(tmp_path):
     assert weights and not any(torch.equal(control.hitter.state_dict()[k], reference[k])
                                for k in weights)
     assert control.hitter.config.hidden_size == pretrained.config.hidden_size  # same shape
+
+
+def test_frequency_control_reads_answer_counts_instead_of_hitter(base_lm, neighbours, tokenizer,
+                                                                 kg, tmp_path):
+    """model.kg_init=frequency: the link head reads log(1 + how often each entity answers the
+    relation in train), the relation-frequency baseline's counts, and never HittER; the table
+    is saved with the model; readers with adapters refuse it."""
+    config = KGQAConfig(lm="minilm", reader="link", freeze_kg=True, kg_init="frequency")
+    model = KGEnhancedLM(config, copy.deepcopy(base_lm), tiny_hitter()).eval()
+    model.head.set_tables(kg, tokenizer)
+    assert torch.equal(model.head.log_counts, RelationFrequencyScorer(kg).counts.log1p())
+    batch = make_batch(examples([3, 5, 7, -1]), tokenizer, neighbours, max_neighbours=12)
+    with torch.no_grad():
+        model.head.gate.bias.fill_(2.0)
+        out = model(**batch)
+        model.hitter.load_state_dict(tiny_hitter(seed=1).state_dict())
+        assert torch.equal(model(**batch).log_probs, out.log_probs)  # HittER is not read
+        plain = torch.log_softmax(stock_logits(base_lm, batch), -1)
+        assert not torch.allclose(out.log_probs[:3], plain[:3])  # the counts are
+    model.save_pretrained(tmp_path / "control")
+    loaded = KGEnhancedLM.from_pretrained(tmp_path / "control").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).log_probs, out.log_probs)
+    with pytest.raises(ConfigError, match="kg_init=frequency"):
+        KGQAConfig(lm="minilm", kg_checkpoint="x", reader="paper+link",
+                   kg_init="frequency").check_reader()
 
 
 def test_answer_is_neighbour(kg):

@@ -182,3 +182,12 @@ def test_adapters_and_link_head_on_every_family(family, texts, toy, tmp_path, mi
     unlikely = ask(loaded, tokenizer, kg, index, QUESTIONS[0][0], 1, max_masks=3, names=names,
                    min_entity_p=1.0)
     assert unlikely.entity is None and unlikely.free_text and unlikely.text.strip()
+
+
+def test_an_unsupported_masked_lm_is_one_clear_error():
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    lm = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2,
+                                                hidden_dim=32))
+    with pytest.raises(ValueError, match="no encoder layers found .*bert, roberta"):
+        encoder_layers(lm)

@@ -40,6 +40,12 @@ class Reader:
     reads_hitter: bool = True  # False: the model has no HittER (model.kg_checkpoint=null)
     text: bool = False  # the neighbourhood as text in the input (kgqa.verbalise)
 
+    @property
+    def link_prediction(self) -> bool:
+        """HittER is read through its link-prediction scores alone (the link heads): what
+        the frequency-prior control (``model.kg_init=frequency``) replaces."""
+        return self.adapters is None and self.head is LinkReader
+
 
 READERS: dict[str, Reader] = {
     "none": Reader("the plain masked LM", reads_hitter=False),
