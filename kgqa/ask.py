@@ -14,8 +14,9 @@ topic entity nor the answer's length, which the benchmark protocol hands the mod
 * **The answer.** The question becomes the cloze ``question [MASK] ... [MASK].`` with 1 to
   ``--max-masks`` masks, all in one batch. A model that reads a KG answers with an entity of
   the graph: every entity name is scored at its own piece count by the joint log-probability of
-  its pieces under the model (LM and reader), and the best wins, with the triple that links it
-  to the topic if there is one (:class:`EntityNames`). Free text (each mask's top piece, the
+  its pieces under the model (LM and reader) plus a prior on the answer's length from the
+  question's words (:mod:`kgqa.answer_length`), and the best wins, with the triple that links
+  it to the topic if there is one (:class:`EntityNames`). Free text (each mask's top piece, the
   best mean log-probability per mask over the lengths) only where no name reaches
   :data:`MIN_ENTITY_P` per piece, and then the output says so; a plain LM answers in free text.
 
@@ -45,6 +46,7 @@ import transformers
 from hitter_core.cli import run_cli
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.predict import AmbiguousName, find_entity
+from kgqa.answer_length import AnswerLengths, load_answer_lengths
 from kgqa.batches import make_batch
 from kgqa.data import QAExample
 from kgqa.linker import TopicLinker, load_linker
@@ -77,11 +79,14 @@ class Answer:
 
 class EntityNames:
     """Every entity name of the graph as the model's word pieces, grouped by piece count, to
-    score whole names at once (:meth:`best`)."""
+    score whole names at once (:meth:`best`), with the prior on the answer's length
+    (:mod:`kgqa.answer_length`; none: every length alike)."""
 
-    def __init__(self, kg: KnowledgeGraph, tokenizer: Any, max_masks: int) -> None:
+    def __init__(self, kg: KnowledgeGraph, tokenizer: Any, max_masks: int,
+                 lengths: AnswerLengths | None = None) -> None:
         pieces = word_pieces(kg.entity_names, tokenizer)
         self.kg = kg
+        self.lengths = lengths or AnswerLengths(None)
         self.degree = torch.bincount(kg.train[:, [0, 2]].flatten(), minlength=kg.num_entities)
         self.pieces = pieces
         self.by_length = {}  # n -> ((C_n,) entity ids, (C_n, n) their pieces)
@@ -90,24 +95,26 @@ class EntityNames:
             if ids:
                 self.by_length[n] = (torch.tensor(ids), torch.tensor([pieces[e] for e in ids]))
 
-    def best(self, log_probs: dict[int, torch.Tensor], topic: int, k: int
+    def best(self, log_probs: dict[int, torch.Tensor], topic: int, k: int, question: str = ""
              ) -> list[tuple[int, float]]:
         """The ``k`` best (entity, joint log-probability of its name) under ``log_probs[n]``
-        (n, V), the model's output with n masks; names spelt alike: the one linked to the
-        topic, else the one with the most train triples."""
-        scored = []
+        (n, V), the model's output with n masks, ranked by that plus the length prior's bonus
+        for ``question``; names spelt alike: the one linked to the topic, else the one with
+        the most train triples."""
+        bonus = self.lengths.log_bonus(question)
+        scored = []  # (entity, joint log-probability, rank score)
         for n, logp in log_probs.items():
             if n not in self.by_length:
                 continue
             ids, pieces = self.by_length[n]
             score = logp.gather(1, pieces.T).sum(0)  # (C_n,)
             top = score.topk(min(4 * k, len(ids)))
-            scored += [(int(ids[i]), float(v)) for v, i in zip(top.values, top.indices,
-                                                                   strict=True)]
+            scored += [(int(ids[i]), float(v), float(v) + bonus.get(n, 0.0))
+                       for v, i in zip(top.values, top.indices, strict=True)]
         linked = set(self.neighbours(topic)) if topic >= 0 else set()
-        scored.sort(key=lambda c: (-round(c[1], 5), c[0] not in linked, -int(self.degree[c[0]])))
+        scored.sort(key=lambda c: (-round(c[2], 5), c[0] not in linked, -int(self.degree[c[0]])))
         out, names = [], set()
-        for e, v in scored:
+        for e, v, _ in scored:
             if self.kg.entity_names[e].casefold() not in names:
                 names.add(self.kg.entity_names[e].casefold())
                 out.append((e, v))
@@ -163,7 +170,7 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     text, score, n = max(texts, key=lambda t: t[1])
     answer = Answer(text, n, score)
     if names is not None:
-        ranked = names.best({n + 1: lp for n, lp in enumerate(logp)}, topic, top_k + 1)
+        ranked = names.best({n + 1: lp for n, lp in enumerate(logp)}, topic, top_k + 1, question)
         e, v = ranked[0] if ranked else (-1, 0.0)
         if ranked and v / len(names.pieces[e]) >= math.log(min_entity_p):
             answer = Answer(names.kg.entity_names[e].casefold(), len(names.pieces[e]), v,
@@ -237,7 +244,7 @@ def load_for_asking(model_dir: str | Path, data_dir: Path | None, max_masks: int
     data_dir = data_dir or default_data_dir()
     kg = load_kg(data_dir / model.config.kg_config["dataset"])
     return (model, tokenizer, neighbours, kg, load_linker(data_dir, kg),
-            EntityNames(kg, tokenizer, max_masks))
+            EntityNames(kg, tokenizer, max_masks, load_answer_lengths(data_dir, kg, tokenizer)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,7 +60,7 @@ _EXAMPLE_FEATURES = Features(
 
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # normaliser, pre-tokeniser, vocabulary, special tokens
         spec = json.loads(backend.to_str())
@@ -80,7 +80,7 @@ def cloze_fingerprint(
     """Key of the cached cloze dataset: the examples (and their KG texts), the tokenizer and
     the cloze layout."""
     h = hashlib.sha256(f"cloze-v{CLOZE_FORMAT}|{max_length}|".encode())
-    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     for i, e in enumerate(examples):
         h.update(json.dumps(asdict(e), ensure_ascii=False).encode())
         if kg_texts is not None:

@@ -9,7 +9,7 @@ setting of ``kgqa.evaluate``). The benchmark hands the model its annotated topic
   alias also without its punctuation, so "L.A." matches "LA").
 * **Mentions**: every span of at most :data:`MAX_NAME_WORDS` words of the question that is an
   alias; each entity keeps its best span (not inside a longer mention, longest, best kind).
-* **Relations** (:class:`RelationModel`): a multinomial naive Bayes over the question's words
+* **Relations** (:class:`TermModel`): a multinomial naive Bayes over the question's words
   and word pairs says which relation links the topic to the answer (ids in [0, 2R), r >= R the
   reciprocal); an entity's relation score is the posterior mass on the relations it has. This is
   what tells "Who directed The Fisher King?" (a film's relation) from a person's name in it.
@@ -162,26 +162,27 @@ def topic_relations(kg: KnowledgeGraph
     return of, pair
 
 
-class RelationModel:
-    """Multinomial naive Bayes: question terms -> the relation from its topic to its answer."""
+class TermModel:
+    """Multinomial naive Bayes: question terms -> labels (here the relation from the topic to
+    the answer; :mod:`kgqa.answer_length`: the answer's length)."""
 
     SMOOTHING = 0.1
 
     def __init__(self, counts: dict[int, dict[str, int]]) -> None:
-        self.counts = counts  # relation -> term -> count, over the questions of that relation
+        self.counts = counts  # label -> term -> count, over the questions with that label
         self.totals = {r: sum(c.values()) for r, c in counts.items()}
         self.vocab = {t for c in counts.values() for t in c}
-        self.questions: dict[int, int] = {}  # relation -> train questions (the prior)
+        self.questions: dict[int, int] = {}  # label -> train questions (the prior)
 
     @classmethod
-    def fit(cls, examples: Iterable[Any], pair_relations: dict[tuple[int, int], set[int]]
-            ) -> RelationModel:
+    def fit(cls, labelled: Iterable[tuple[str, Iterable[int]]]) -> TermModel:
+        """Fit on (question, its labels) pairs."""
         counts: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
         questions: collections.Counter = collections.Counter()
-        for ex in examples:
-            for r in pair_relations.get((ex.topic_entity, ex.answer_entity), ()):
-                questions[r] += 1
-                counts[r].update(question_terms(ex.question))
+        for question, labels in labelled:
+            for label in labels:
+                questions[label] += 1
+                counts[label].update(question_terms(question))
         model = cls({r: dict(c) for r, c in counts.items()})
         model.questions = dict(questions)
         return model
@@ -191,13 +192,13 @@ class RelationModel:
                 "questions": {str(r): n for r, n in self.questions.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RelationModel:
+    def from_dict(cls, d: dict[str, Any]) -> TermModel:
         model = cls({int(r): c for r, c in d["counts"].items()})
         model.questions = {int(r): n for r, n in d["questions"].items()}
         return model
 
     def posterior(self, question: str) -> dict[int, float]:
-        """p(relation | question) over the relations seen in training."""
+        """p(label | question) over the labels seen in training."""
         terms = [t for t in question_terms(question) if t in self.vocab]
         V, a = len(self.vocab), self.SMOOTHING
         scores = {r: math.log(self.questions[r]) + sum(
@@ -234,7 +235,7 @@ class TopicLinker:
                                      minlength=kg.num_entities).tolist()  # train triples
         self.state = state  # what fit learned: word counts, relation model, weights
         self.doc_freq: dict[str, int] = state["doc_freq"]
-        self.relation_model = RelationModel.from_dict(state["relations"])
+        self.relation_model = TermModel.from_dict(state["relations"])
         self.weights = torch.tensor(state["weights"])  # (F,) over standardised features
         self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])
 
@@ -292,14 +293,19 @@ class TopicLinker:
             folds: int = FOLDS) -> TopicLinker:
         """Fit on ``examples`` (QAExamples with topic and answer entities: train questions)."""
         pair = topic_relations(kg)[1]
+
+        def relations(part: Iterable[Any]) -> TermModel:  # question -> topic-answer relations
+            return TermModel.fit((ex.question, pair.get((ex.topic_entity, ex.answer_entity), ()))
+                                 for ex in part)
+
         doc_freq = collections.Counter(w for ex in examples
                                        for w in set(normalise(ex.question).split()))
         state = {"format": LINKER_FORMAT, "questions": len(examples), "doc_freq": dict(doc_freq),
-                 "relations": RelationModel.fit(examples, pair).to_dict(),
+                 "relations": relations(examples).to_dict(),
                  "weights": [0.0] * len(FEATURES), "mean": [0.0] * len(FEATURES),
                  "std": [1.0] * len(FEATURES)}
         linker = cls(kg, aliases, state)
-        held_out = [RelationModel.fit([ex for i, ex in enumerate(examples) if i % folds != k], pair)
+        held_out = [relations(ex for i, ex in enumerate(examples) if i % folds != k)
                     for k in range(folds)]
         groups = []  # (features (C, F), index of the annotated topic)
         for i, ex in enumerate(examples):
@@ -361,7 +367,7 @@ def load_linker(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path 
     beside the prepared splits (:func:`kgqa.prepare.prepared_dir`) after; for another graph, or
     without QA data, :meth:`TopicLinker.by_names`."""
     from kgqa.data import DATASETS
-    from kgqa.prepare import load_qa_splits, prepared_dir
+    from kgqa.prepare import prepared_dir
 
     aliases = AliasTable.build(kg)
     if kg.name != DEFAULT_KG or not any((Path(data_dir) / d).is_dir() for d in DATASETS):
@@ -370,11 +376,23 @@ def load_linker(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path 
     folder = prepared_dir(data_dir, cache_dir=cache_dir, kg=kg) / f"linker-v{LINKER_FORMAT}"
     if (folder / "linker.json").is_file():
         return TopicLinker.load(kg, aliases, folder / "linker.json")
-    examples = [ex for name in DATASETS if (Path(data_dir) / name).is_dir()
-                for ex in load_qa_splits(data_dir, name, "filtered", cache_dir=cache_dir,
-                                         kg=kg)["train"]]
+    examples = train_questions(data_dir, kg, cache_dir)
     logger.info("fitting the topic linker on %d train questions (once: kept in %s)",
                 len(examples), folder)
     linker = TopicLinker.fit(kg, aliases, examples)
     write_dir_atomically(folder, lambda tmp: linker.save(tmp / "linker.json"))
     return linker
+
+
+def train_questions(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path | None = None
+                    ) -> list[Any]:
+    """The filtered train questions (carved dev excluded) of the QA datasets under ``data_dir``;
+    none unless ``kg`` is FB15K-237, whose ids they use."""
+    from kgqa.data import DATASETS
+    from kgqa.prepare import load_qa_splits
+
+    if kg.name != DEFAULT_KG:
+        return []
+    return [ex for name in DATASETS if (Path(data_dir) / name).is_dir()
+            for ex in load_qa_splits(data_dir, name, "filtered", cache_dir=cache_dir,
+                                     kg=kg)["train"]]

@@ -162,3 +162,19 @@ def test_a_model_saved_before_readers_loads_and_answers_the_same(trained, tmp_pa
     question, topic, answer = QUESTIONS[0]
     got = ask(loaded, tokenizer, kg, index, question, kg.entity_names.index(topic), max_masks=1)
     assert got.text == answer and got.evidence[0].entity == answer
+
+
+def test_the_length_prior_reads_the_question(trained):
+    """kgqa.answer_length: naive Bayes from the question's words to the answer's piece count."""
+    from kgqa.answer_length import AnswerLengths
+
+    tokenizer = trained[1]
+    examples = ([QAExample(f"c{i}", f"what is the capital of country {i}?", None, "paris", None)
+                 for i in range(5)]
+                + [QAExample(f"w{i}", f"who wrote book {i}?", None, "victor marie hugo", None)
+                   for i in range(5)])
+    lengths = AnswerLengths.fit(examples, tokenizer)
+    capital, author = (lengths.log_bonus("what is the capital of spain?"),
+                       lengths.log_bonus("who wrote this book?"))
+    assert capital[1] > capital[3] and author[3] > author[1]
+    assert AnswerLengths(None).log_bonus("who wrote this book?") == {}  # no data: no prior
