@@ -53,13 +53,13 @@ class AnswerLengths:
         return cls(TermModel.fit((ex.question, [min(len(p), LONGEST)])
                                  for ex, p in zip(examples, pieces, strict=True)))
 
-    def log_bonus(self, question: str) -> dict[int, float]:
-        """``LENGTH_WEIGHT * log p(n | question)`` for n = 1, 2, ... (0 for every n without
-        a model; the last label's for every longer n)."""
+    def log_bonus(self, question: str, weight: float = LENGTH_WEIGHT) -> dict[int, float]:
+        """``weight * log p(n | question)`` for n = 1, 2, ... (none without a model; the last
+        label's for every longer n)."""
         if self.model is None or not self.model.questions:
             return {}
         p = self.model.posterior(question)
-        return {n: LENGTH_WEIGHT * math.log(max(p.get(min(n, LONGEST), 0.0), 1e-12))
+        return {n: weight * math.log(max(p.get(min(n, LONGEST), 0.0), 1e-12))
                 for n in range(1, 9)}
 
 

@@ -96,11 +96,11 @@ class EntityNames:
                 self.by_length[n] = (torch.tensor(ids), torch.tensor([pieces[e] for e in ids]))
 
     def best(self, log_probs: dict[int, torch.Tensor], topic: int, k: int, question: str = ""
-             ) -> list[tuple[int, float]]:
-        """The ``k`` best (entity, joint log-probability of its name) under ``log_probs[n]``
-        (n, V), the model's output with n masks, ranked by that plus the length prior's bonus
-        for ``question``; names spelt alike: the one linked to the topic, else the one with
-        the most train triples."""
+             ) -> list[tuple[int, float, float]]:
+        """The ``k`` best (entity, joint log-probability of its name, score) under
+        ``log_probs[n]`` (n, V), the model's output with n masks; the score, which ranks them,
+        adds the length prior's bonus for ``question``; names spelt alike: the one linked to
+        the topic, else the one with the most train triples."""
         bonus = self.lengths.log_bonus(question)
         scored = []  # (entity, joint log-probability, rank score)
         for n, logp in log_probs.items():
@@ -114,10 +114,10 @@ class EntityNames:
         linked = set(self.neighbours(topic)) if topic >= 0 else set()
         scored.sort(key=lambda c: (-round(c[2], 5), c[0] not in linked, -int(self.degree[c[0]])))
         out, names = [], set()
-        for e, v, _ in scored:
+        for e, v, score in scored:
             if self.kg.entity_names[e].casefold() not in names:
                 names.add(self.kg.entity_names[e].casefold())
-                out.append((e, v))
+                out.append((e, v, score))
         return out[:k]
 
     def neighbours(self, entity: int) -> list[int]:
@@ -171,12 +171,13 @@ def ask(model: KGEnhancedLM, tokenizer, kg: KnowledgeGraph | None, neighbours, q
     answer = Answer(text, n, score)
     if names is not None:
         ranked = names.best({n + 1: lp for n, lp in enumerate(logp)}, topic, top_k + 1, question)
-        e, v = ranked[0] if ranked else (-1, 0.0)
+        e, v, _ = ranked[0] if ranked else (-1, 0.0, 0.0)
         if ranked and v / len(names.pieces[e]) >= math.log(min_entity_p):
             answer = Answer(names.kg.entity_names[e].casefold(), len(names.pieces[e]), v,
                             entity=f"{names.kg.entity_names[e]} ({names.kg.entities[e]})",
                             fact=names.fact(topic, e))
-            answer.alternatives = [(f"{names.kg.entity_names[a]}", w) for a, w in ranked[1:]]
+            answer.alternatives = [(f"{names.kg.entity_names[a]}", score)
+                                   for a, _, score in ranked[1:]]  # as ranked
         else:
             answer.free_text = (f"no entity name reaches p {min_entity_p} per piece"
                                 if ranked else "no entity name has at most "
@@ -216,8 +217,9 @@ def format_answer(answer: Answer) -> str:
         lines = [f"answer: {answer.text}   ({answer.masks} mask(s), mean log-prob "
                  f"{answer.score:.2f}, p {math.exp(answer.score):.2f} per mask{note})"]
     if answer.alternatives:
-        lines.append("alternatives: " + "; ".join(f"{t} ({s:.2f})"
-                                                  for t, s in answer.alternatives))
+        how = " (log p of the name + the length prior)" if answer.entity is not None else ""
+        lines.append(f"alternatives{how}: " + "; ".join(f"{t} ({s:.2f})"
+                                                        for t, s in answer.alternatives))
     lines.append(f"topic entity: {answer.topic or 'none (the plain LM answers)'}")
     if answer.evidence:
         gate = "" if answer.gate is None else f" ({answer.gate_name} {answer.gate:.2f})"
