@@ -1,7 +1,7 @@
 """Ask a fine-tuned QA model a question, and see the knowledge-graph evidence it used.
 
     python -m kgqa.ask MODEL_DIR "what is the capital of somalia?" [--topic "Somalia"] \\
-        [--max-masks 4] [--top-k 5] [-v]
+        [--max-masks 4] [--top-k 5] [--names] [-v]
     python -m kgqa.ask MODEL_DIR --interactive      # one question a line; "question || topic"
 
 MODEL_DIR is a QA model saved by ``kgqa.train`` (a run's ``best/``). A user knows neither the
@@ -18,7 +18,8 @@ topic entity nor the answer's length, which the benchmark protocol hands the mod
   question's words (:mod:`kgqa.answer_length`), and the best wins, with the triple that links
   it to the topic if there is one (:class:`EntityNames`). Free text (each mask's top piece, the
   best mean log-probability per mask over the lengths) only where no name reaches
-  :data:`MIN_ENTITY_P` per piece, and then the output says so; a plain LM answers in free text.
+  :data:`MIN_ENTITY_P` per piece, and then the output says so; a plain LM answers in free text,
+  or with FB15K-237's names as a KG model does with ``--names`` (no topic, no fact).
 
 The evidence is the reader's (:meth:`kgqa.readers.base.KGReader.explain`), at the answer's
 length: for the copy head, its pointer weights over the topic's neighbours and its gate; for the
@@ -44,6 +45,7 @@ import torch
 import transformers
 
 from hitter_core.cli import run_cli
+from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph, default_data_dir, load_kg
 from hitter_core.predict import AmbiguousName, find_entity
 from kgqa.answer_length import AnswerLengths, load_answer_lengths
@@ -228,11 +230,12 @@ def format_answer(answer: Answer) -> str:
     return "\n".join(lines)
 
 
-def load_for_asking(model_dir: str | Path, data_dir: Path | None, max_masks: int
-                    ) -> tuple[KGEnhancedLM, Any, Any, KnowledgeGraph | None,
-                               TopicLinker | None, EntityNames | None]:
+def load_for_asking(model_dir: str | Path, data_dir: Path | None, max_masks: int,
+                    names: bool = False) -> tuple[KGEnhancedLM, Any, Any, KnowledgeGraph | None,
+                                                  TopicLinker | None, EntityNames | None]:
     """The model, tokenizer and neighbour index; for a model that reads a KG, the graph, its
-    topic linker and its entity names. A directory that is not a saved model: one line."""
+    topic linker and its entity names; for one that reads none, FB15K-237's entity names only
+    with ``names``. A directory that is not a saved model: one line."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         hint = next((str(p.parent) for p in sorted(model_dir.glob("**/best/config.json"))), None)
@@ -241,12 +244,15 @@ def load_for_asking(model_dir: str | Path, data_dir: Path | None, max_masks: int
                                    " (e.g. runs/.../seed333/best)"))
     datasets.disable_progress_bars()  # one-question datasets: no bars
     model, tokenizer, neighbours = load_qa_model(model_dir, data_dir)
-    if model.config.kg_config is None:
-        return model, tokenizer, neighbours, None, None, None
     data_dir = data_dir or default_data_dir()
-    kg = load_kg(data_dir / model.config.kg_config["dataset"])
-    return (model, tokenizer, neighbours, kg, load_linker(data_dir, kg),
-            EntityNames(kg, tokenizer, max_masks, load_answer_lengths(data_dir, kg, tokenizer)))
+    if model.config.kg_config is None and not names:
+        return model, tokenizer, neighbours, None, None, None
+    graph = load_kg(data_dir / (model.config.kg_config or {}).get("dataset", DEFAULT_KG))
+    entity_names = EntityNames(graph, tokenizer, max_masks,
+                               load_answer_lengths(data_dir, graph, tokenizer))
+    if model.config.kg_config is None:  # the plain LM, ranking the graph's names
+        return model, tokenizer, neighbours, None, None, entity_names
+    return model, tokenizer, neighbours, graph, load_linker(data_dir, graph), entity_names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--interactive", action="store_true",
                         help='read questions from stdin, one a line ("question || topic")')
+    parser.add_argument("--names", action="store_true",
+                        help="a model that reads no KG answers with FB15K-237's entity names too "
+                             "(a KG model always does)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data root (default $KGQA_DATA_DIR)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show data-loading notes")
@@ -271,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     model, tokenizer, neighbours, kg, linker, names = load_for_asking(
-        args.model_dir, args.data_dir, args.max_masks)
+        args.model_dir, args.data_dir, args.max_masks, args.names)
 
     def answer_one(question: str, topic_text: str | None) -> None:
         topic = -1

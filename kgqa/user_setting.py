@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from hitter_core.config import DEFAULT_KG
 from hitter_core.data import default_data_dir, load_kg
-from kgqa.answer_length import load_answer_lengths
-from kgqa.ask import MIN_ENTITY_P, EntityNames, ask, load_for_asking
+from kgqa.ask import MIN_ENTITY_P, ask, load_for_asking
 from kgqa.data import DATASETS
 from kgqa.linker import TopicLinker, load_linker
 from kgqa.lm import word_pieces
@@ -54,11 +53,8 @@ def user_setting(run_dir: str | Path, data_dir: str | Path | None = None, split:
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     model, tokenizer, neighbours, kg, linker, entity_names = load_for_asking(
-        run_dir / "best", data_dir, max_masks)
+        run_dir / "best", data_dir, max_masks, names)
     graph = kg or load_kg(data_dir / DEFAULT_KG)
-    if names and entity_names is None:
-        entity_names = EntityNames(graph, tokenizer, max_masks,
-                                   load_answer_lengths(data_dir, graph, tokenizer))
     examples = load_qa_splits(data_dir, metrics["dataset"], metrics["split"], kg=graph)[split]
     limit = (metrics.get("variant") or {}).get("protocol", {}).get("max_eval_examples")
     examples = examples[:limit] if limit else examples

@@ -4,6 +4,7 @@ linker finds the annotated topic as often as it did when it was fit (WebQSP >= 9
 model answering the test questions as a user would gives entity names and a summary."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,6 +98,14 @@ def test_the_user_setting_answers_with_entities(data_root, fb15k237, tiny_lm, tm
     assert summary["entity_answers"] == sum(r["entity"] is not None for r in records) / 6
     table = format_markdown(build_report(find_run_results([run])))
     assert "User setting" in table and "| webqsp filtered |" in table
+    # The plain LM with --names ranks the graph's names too (kgqa.ask --names)
+    plain, _ = build_model(KGQAConfig(lm=tiny_lm, reader="none"))
+    plain.save_pretrained(tmp_path / "plain" / "best")
+    tokenizer.save_pretrained(tmp_path / "plain" / "best")
+    shutil.copy(run / "metrics.json", tmp_path / "plain" / "metrics.json")
+    named = user_setting(tmp_path / "plain", data_root, max_masks=2, names=True,
+                         min_entity_p=1e-9)
+    assert named["entity_answers"] == 1.0 and named["total"] == 6
 
 
 def test_an_entity_without_train_triples_is_never_the_topic(tmp_path):
