@@ -30,9 +30,9 @@ from kgqa.answer_length import LONGEST, AnswerLengths
 from kgqa.ask import EntityNames, load_for_asking
 from kgqa.batches import make_batch
 from kgqa.data import QAExample
-from kgqa.linker import load_linker, train_questions
+from kgqa.linker import load_linker
 from kgqa.lm import word_pieces
-from kgqa.prepare import load_qa_splits
+from kgqa.prepare import load_qa_splits, train_questions
 
 MAX_MASKS = 4
 

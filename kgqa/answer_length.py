@@ -23,12 +23,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph
 from hitter_core.run_dir import write_dir_atomically
 from kgqa.batches import tokenizer_fingerprint
-from kgqa.linker import TermModel, train_questions
+from kgqa.linker import TermModel
 from kgqa.lm import word_pieces
+from kgqa.prepare import prepared_dir, qa_datasets, train_questions
+from kgqa.readers.names import MAX_NAME_PIECES
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,15 @@ class AnswerLengths:
             return {}
         p = self.model.posterior(question)
         return {n: weight * math.log(max(p.get(min(n, LONGEST), 0.0), 1e-12))
-                for n in range(1, 9)}
+                for n in range(1, MAX_NAME_PIECES + 1)}
 
 
 def load_answer_lengths(data_dir: str | Path, kg: KnowledgeGraph, tokenizer: Any,
                         cache_dir: str | Path | None = None) -> AnswerLengths:
     """The length prior for ``tokenizer``: fit on the filtered train questions of both QA
-    datasets the first time (:func:`kgqa.linker.train_questions`), kept beside the prepared
+    datasets the first time (:func:`kgqa.prepare.train_questions`), kept beside the prepared
     splits after, one file per tokenizer; uniform for a graph without QA data."""
-    from kgqa.data import DATASETS
-    from kgqa.prepare import prepared_dir
-
-    if kg.name != DEFAULT_KG or not any((Path(data_dir) / d).is_dir() for d in DATASETS):
+    if not qa_datasets(data_dir, kg):
         return AnswerLengths(None)
     folder = (prepared_dir(data_dir, cache_dir=cache_dir, kg=kg)
               / f"answer-lengths-v{LENGTHS_FORMAT}-{tokenizer_fingerprint(tokenizer)[:16]}")
@@ -79,8 +77,6 @@ def load_answer_lengths(data_dir: str | Path, kg: KnowledgeGraph, tokenizer: Any
         state = json.loads((folder / "lengths.json").read_text(encoding="utf-8"))
         return AnswerLengths(TermModel.from_dict(state))
     examples = train_questions(data_dir, kg, cache_dir)
-    if not examples:
-        return AnswerLengths(None)
     logger.info("fitting the answer-length prior on %d train questions (once: kept in %s)",
                 len(examples), folder)
     lengths = AnswerLengths.fit(examples, tokenizer)

@@ -5,10 +5,9 @@ as :mod:`hitter_core.batches` does for link prediction.
 * Cloze form (:func:`build_cloze_dataset`): ``question + " " + [MASK] * n + "."`` with the
   tokenizer's special tokens, n = the number of word pieces of the answer name as it reads after
   a space (:func:`kgqa.lm.word_pieces`; the number of masks is known to every model, as in the
-  paper). Labels are those pieces at the mask
-  positions and -100 elsewhere. For BERT's WordPiece tokenizer the ids equal HittER's
-  ``RawQuestion + "[MASK]" * n + "."``; the labels come from the answer name, never from the
-  label ids stored in the released files.
+  paper). Labels are those pieces at the mask positions and -100 elsewhere. For BERT's WordPiece
+  tokenizer the ids equal HittER's ``RawQuestion + "[MASK]" * n + "."``; the labels come from
+  the answer name, never from the label ids stored in the released files.
 * Batches (:class:`ClozeCollator`): padded cloze rows plus the neighbourhood of each topic
   entity, ``kg_entities`` / ``kg_relations`` / ``kg_mask`` (B, N). Training batches draw a
   fresh uniformly random subset of ``max_neighbours`` neighbours from a seeded generator (no

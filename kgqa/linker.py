@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from hitter_core.config import DEFAULT_KG
 from hitter_core.data import KnowledgeGraph
 from hitter_core.run_dir import write_dir_atomically
 
@@ -366,11 +365,10 @@ def load_linker(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path 
     filtered train questions of both QA datasets under ``data_dir`` the first time and kept
     beside the prepared splits (:func:`kgqa.prepare.prepared_dir`) after; for another graph, or
     without QA data, :meth:`TopicLinker.by_names`."""
-    from kgqa.data import DATASETS
-    from kgqa.prepare import prepared_dir
+    from kgqa.prepare import prepared_dir, qa_datasets, train_questions
 
     aliases = AliasTable.build(kg)
-    if kg.name != DEFAULT_KG or not any((Path(data_dir) / d).is_dir() for d in DATASETS):
+    if not qa_datasets(data_dir, kg):
         logger.info("no QA train questions for %s: topics linked by name only", kg.name)
         return TopicLinker.by_names(kg, aliases)
     folder = prepared_dir(data_dir, cache_dir=cache_dir, kg=kg) / f"linker-v{LINKER_FORMAT}"
@@ -383,16 +381,3 @@ def load_linker(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path 
     write_dir_atomically(folder, lambda tmp: linker.save(tmp / "linker.json"))
     return linker
 
-
-def train_questions(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path | None = None
-                    ) -> list[Any]:
-    """The filtered train questions (carved dev excluded) of the QA datasets under ``data_dir``;
-    none unless ``kg`` is FB15K-237, whose ids they use."""
-    from kgqa.data import DATASETS
-    from kgqa.prepare import load_qa_splits
-
-    if kg.name != DEFAULT_KG:
-        return []
-    return [ex for name in DATASETS if (Path(data_dir) / name).is_dir()
-            for ex in load_qa_splits(data_dir, name, "filtered", cache_dir=cache_dir,
-                                     kg=kg)["train"]]

@@ -39,6 +39,7 @@ from hitter_core.neighbours import NeighbourIndex, default_cache_dir
 from kgqa.batches import build_cloze_dataset
 from kgqa.config import KGQAConfig, QATrainConfig
 from kgqa.data import (
+    DATASETS,
     DEV_FRACTION,
     DEV_SALT,
     SOURCE_SPLITS,
@@ -163,6 +164,20 @@ def load_qa_splits(
             f"{dataset} {variant}: no {' / '.join(missing)} split ({notes_text})"
         )
     return splits
+
+
+def qa_datasets(data_dir: str | Path, kg: KnowledgeGraph) -> list[str]:
+    """The QA datasets under ``data_dir`` whose questions link to ``kg``: none unless it is
+    FB15K-237, whose ids they use."""
+    return [d for d in DATASETS if (Path(data_dir) / d).is_dir()] if kg.name == DEFAULT_KG else []
+
+
+def train_questions(data_dir: str | Path, kg: KnowledgeGraph, cache_dir: str | Path | None = None
+                    ) -> list[QAExample]:
+    """The filtered train questions (carved dev excluded) of :func:`qa_datasets`."""
+    return [ex for name in qa_datasets(data_dir, kg)
+            for ex in load_qa_splits(data_dir, name, "filtered", cache_dir=cache_dir,
+                                     kg=kg)["train"]]
 
 
 def _n(x: int | None) -> str:

@@ -54,7 +54,7 @@ def user_setting(run_dir: str | Path, data_dir: str | Path | None = None, split:
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     model, tokenizer, neighbours, kg, linker, entity_names = load_for_asking(
         run_dir / "best", data_dir, max_masks, names)
-    graph = kg or load_kg(data_dir / DEFAULT_KG)
+    graph = kg or (entity_names.kg if entity_names else load_kg(data_dir / DEFAULT_KG))
     examples = load_qa_splits(data_dir, metrics["dataset"], metrics["split"], kg=graph)[split]
     limit = (metrics.get("variant") or {}).get("protocol", {}).get("max_eval_examples")
     examples = examples[:limit] if limit else examples

@@ -89,3 +89,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_graph():
+    """``toy_graph(directory, triples, names=None, hitter=None)``: writes a graph (its triples
+    as train, valid and test; each name its own text) and loads it; with ``hitter`` (shape
+    overrides), also saves a seeded random HittER of that graph to ``directory/../hitter``."""
+    from hitter_core.config import HittERConfig
+    from hitter_core.data import load_kg
+    from hitter_core.model import HittER
+
+    def write(directory, triples, names=None, hitter=None):
+        directory.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "valid", "test"):
+            (directory / f"{split}.txt").write_text("\n".join(triples) + "\n")
+        if names:
+            (directory / "entity_names.tsv").write_text("".join(f"{n}\t{n}\n" for n in names))
+        kg = load_kg(directory)
+        if hitter is not None:
+            torch.manual_seed(0)
+            HittER(HittERConfig(dataset=directory.name, num_entities=kg.num_entities,
+                                num_relations=kg.num_relations, num_attention_heads=2,
+                                max_neighbours=8, **hitter)
+                   ).save_pretrained(directory.parent / "hitter")
+        return kg
+
+    return write

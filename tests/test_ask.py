@@ -10,9 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from hitter_core.config import HittERConfig
-from hitter_core.data import load_kg
-from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.ask import EntityNames, ask, main
 from kgqa.batches import make_batch
@@ -30,18 +27,10 @@ QUESTIONS = [(QUESTION, "france", "paris"), (QUESTION, "germany", "berlin"),
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_lm):
+def trained(tmp_path_factory, tiny_lm, toy_graph):
     root = tmp_path_factory.mktemp("ask")
-    (root / "toy").mkdir()
-    for split in ("train", "valid", "test"):
-        (root / "toy" / f"{split}.txt").write_text("\n".join(TRAIN) + "\n")
-    (root / "toy" / "entity_names.tsv").write_text("".join(f"{n}\t{n}\n" for n in NAMES))
-    kg = load_kg(root / "toy")
-    torch.manual_seed(0)
-    HittER(HittERConfig(dataset="toy", num_entities=kg.num_entities,
-                        num_relations=kg.num_relations, hidden_size=32, num_attention_heads=2,
-                        intermediate_size=64, num_context_layers=1, max_neighbours=8)
-           ).save_pretrained(root / "hitter")
+    kg = toy_graph(root / "toy", TRAIN, NAMES, hitter=dict(
+        hidden_size=32, intermediate_size=64, num_context_layers=1))
     config = KGQAConfig(lm=tiny_lm, kg_checkpoint=str(root / "hitter"), reader="copy",
                         freeze_kg=True, max_neighbours=8)
     model, _ = build_model(config)

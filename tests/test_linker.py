@@ -26,11 +26,8 @@ TRAIN = ["paris\tcapital_of\tfrance", "berlin\tcapital_of\tgermany", "rome\tcapi
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    for split in ("train", "valid", "test"):
-        (root / f"{split}.txt").write_text("\n".join(TRAIN) + "\n")
-    return load_kg(root)
+def toy(tmp_path_factory, toy_graph):
+    return toy_graph(tmp_path_factory.mktemp("toy"), TRAIN)
 
 
 def test_aliases_match_normalised_text(toy):

@@ -23,9 +23,6 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 
-from hitter_core.config import HittERConfig
-from hitter_core.data import load_kg
-from hitter_core.model import HittER
 from hitter_core.neighbours import NeighbourIndex
 from kgqa.ask import EntityNames, ask
 from kgqa.batches import make_batch
@@ -58,19 +55,11 @@ def texts(data_root, fb15k237):
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_graph):
     """A six-triple graph with names and a tiny HittER of two context layers."""
     root = tmp_path_factory.mktemp("families")
-    (root / "toy").mkdir()
-    for split in ("train", "valid", "test"):
-        (root / "toy" / f"{split}.txt").write_text("\n".join(TRAIN) + "\n")
-    (root / "toy" / "entity_names.tsv").write_text("".join(f"{n}\t{n}\n" for n in NAMES))
-    kg = load_kg(root / "toy")
-    torch.manual_seed(0)
-    HittER(HittERConfig(dataset="toy", num_entities=kg.num_entities,
-                        num_relations=kg.num_relations, hidden_size=16, num_attention_heads=2,
-                        intermediate_size=32, num_context_layers=2, max_neighbours=8)
-           ).save_pretrained(root / "hitter")
+    kg = toy_graph(root / "toy", TRAIN, NAMES, hitter=dict(
+        hidden_size=16, intermediate_size=32, num_context_layers=2))
     return root, kg
 
 
